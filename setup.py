@@ -1,0 +1,41 @@
+"""Install krpo-fast.
+
+The top-level ``kernels/`` folder is installed as the subpackage
+``krpo_fast.kernels`` so that no top-level module named ``kernels`` is
+installed (that name belongs to a PyPI project that transformers probes for).
+
+torch and triton are given as ranges, never pinned: CPU machines install
+``torch==2.13.0`` first, GPU images bring their own torch and triton.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="krpo-fast",
+    version="0.1.0",
+    description="Fused Triton kernels and a minimal trainer for KRPO (Kalman-filter GRPO)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["krpo_fast", "krpo_fast.*"]) + ["krpo_fast.kernels"],
+    package_dir={"krpo_fast.kernels": "kernels"},
+    package_data={"krpo_fast": ["assets/*/*"]},
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.6",
+        "transformers>=4.56",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "vllm": ["vllm"],
+        "flash": ["flash-attn"],
+        "bench": ["pytest-benchmark>=4", "liger-kernel>=0.8", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["krpo-fast=krpo_fast.cli:main"]},
+)
