@@ -1,0 +1,559 @@
+"""Public fused ops: group advantages (Kalman and GRPO baselines), the clipped
+policy-gradient loss, and the fused KRPO loss.
+
+Dispatch (DESIGN.md): CUDA tensors run the compiled Triton kernels in
+``krpo_fast.kernels``; CPU tensors run the vectorised PyTorch code in this file,
+or the Triton kernels in Triton's interpreter when ``TRITON_INTERPRET=1``.
+float64 inputs always take the PyTorch path (the kernels compute in float32), which
+is what ``torch.autograd.gradcheck`` exercises.
+
+The losses compute d loss / d logp in the forward pass and store it, so the
+backward is a single scale. Gradients flow to ``logp`` only: old and reference
+log-probs, advantages, rewards and the mask are treated as constants (as in TRL,
+verl and Liger-Kernel).
+"""
+
+from functools import lru_cache
+
+import torch
+
+from krpo_fast import _validation as v
+from krpo_fast._dispatch import use_triton
+
+__all__ = [
+    "ADVANTAGE_MODES",
+    "LOSS_AGGREGATIONS",
+    "group_advantages",
+    "kalman_advantages",
+    "krpo_loss",
+    "policy_loss",
+]
+
+ADVANTAGE_MODES = ("kalman", "grpo", "dr_grpo", "batch_std")
+LOSS_AGGREGATIONS = (
+    "seq-mean-token-mean",
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+KALMAN_DEFAULTS = {"process_var": 1e-5, "meas_var": 1e-2, "init_mean": 0.0, "init_var": 1.0}
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_MASK_DTYPES = (torch.bool, *_INT_DTYPES, *v.FLOAT_DTYPES)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_rewards(
+    rewards: object, group_size: object, group_offsets: object
+) -> tuple[torch.Tensor, int | None, torch.Tensor | None, int]:
+    """Validate rewards and the group layout; return (rewards, group_size, int32 offsets,
+    longest group)."""
+    rewards = v.check_tensor("rewards", rewards, ndim=1, dtypes=v.FLOAT_DTYPES)
+    n = rewards.numel()
+    if n == 0:
+        raise ValueError("rewards is empty: need at least one reward")
+    v.check_all_finite("rewards", rewards)
+    if (group_size is None) == (group_offsets is None):
+        raise ValueError("give exactly one of group_size (uniform groups) and group_offsets")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if n % group_size:
+            raise ValueError(f"group_size {group_size} does not divide the number of rewards {n}")
+        return rewards.contiguous(), group_size, None, group_size
+    offsets = v.check_tensor("group_offsets", group_offsets, ndim=1, dtypes=_INT_DTYPES)
+    v.check_same_device("group_offsets", offsets, "rewards", rewards)
+    if offsets.numel() < 2:
+        raise ValueError("group_offsets must hold at least 2 entries (n_groups + 1)")
+    host = offsets.detach().cpu().long()
+    if host[0] != 0 or host[-1] != n:
+        raise ValueError(
+            f"group_offsets must start at 0 and end at the number of rewards {n}, "
+            f"got {host[0].item()} ... {host[-1].item()}"
+        )
+    lengths = host.diff()
+    if (lengths < 0).any():
+        raise ValueError("group_offsets must be non-decreasing")
+    return rewards.contiguous(), None, offsets.to(torch.int32).contiguous(), int(lengths.max())
+
+
+def _check_kalman(
+    process_var: float, meas_var: float, init_mean: float, init_var: float, eps: float
+) -> tuple[float, float, float, float, float]:
+    return (
+        v.check_positive("process_var", process_var),
+        v.check_positive("meas_var", meas_var),
+        v.check_finite_number("init_mean", init_mean),
+        v.check_positive("init_var", init_var),
+        v.check_finite_number("eps", eps, minimum=0.0),
+    )
+
+
+def _check_mode(mode: object) -> str:
+    if mode not in ADVANTAGE_MODES:
+        raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    return mode
+
+
+def _check_loss_inputs(
+    logp: object,
+    old_logp: object,
+    ref_logp: object,
+    mask: object,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    loss_agg: str,
+    max_len: int | None,
+    check_finite: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    logp = v.check_tensor("logp", logp, ndim=2, dtypes=v.FLOAT_DTYPES)
+    if logp.numel() == 0:
+        raise ValueError(f"logp is empty (shape {tuple(logp.shape)}): need B >= 1 and T >= 1")
+    v.check_finite_number("eps_low", eps_low, minimum=0.0)
+    v.check_finite_number("eps_high", eps_high, minimum=0.0)
+    v.check_finite_number("beta", beta, minimum=0.0)
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
+    if loss_agg == "seq-mean-token-sum-norm":
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(
+                f"max_len must be a positive int with loss_agg={loss_agg!r}, got {max_len!r}"
+            )
+    others = {"old_logp": old_logp, "ref_logp": ref_logp if beta != 0.0 else None}
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta != 0 (pass beta=0.0 to skip the KL term)")
+    for name, value in others.items():
+        if value is not None:
+            v.check_tensor(name, value, ndim=2, dtypes=v.FLOAT_DTYPES)
+            v.check_same_shape(name, value, "logp", logp)
+            v.check_same_device(name, value, "logp", logp)
+    mask = v.check_tensor("mask", mask, ndim=2, dtypes=_MASK_DTYPES)
+    v.check_same_shape("mask", mask, "logp", logp)
+    v.check_same_device("mask", mask, "logp", logp)
+    if check_finite:
+        on = mask != 0
+        for name, value in {"logp": logp, **others}.items():
+            if value is not None and not bool(torch.isfinite(value.detach()[on]).all()):
+                raise ValueError(f"{name} holds NaN or inf at masked-in tokens")
+    return logp, old_logp, others["ref_logp"], mask
+
+
+def _check_advantages(advantages: object, logp: torch.Tensor) -> torch.Tensor:
+    advantages = v.check_tensor("advantages", advantages, ndim=1, dtypes=v.FLOAT_DTYPES)
+    if advantages.shape[0] != logp.shape[0]:
+        raise ValueError(
+            f"advantages must have one entry per sequence ({logp.shape[0]}), "
+            f"got {advantages.shape[0]}"
+        )
+    v.check_same_device("advantages", advantages, "logp", logp)
+    return advantages.detach().contiguous()
+
+
+def _aggregation_weights(loss_agg: str, n_rows: int, max_len: int | None) -> tuple[float, bool]:
+    """(weight of every masked token of a row, whether it is also divided by the row's
+    token count). token-mean is normalised afterwards by the global token count."""
+    if loss_agg == "seq-mean-token-mean":
+        return 1.0 / n_rows, True
+    if loss_agg == "token-mean":
+        return 1.0, False
+    if loss_agg == "seq-mean-token-sum":
+        return 1.0 / n_rows, False
+    return 1.0 / (n_rows * max_len), False
+
+
+def _uses_triton(*tensors: torch.Tensor | None) -> bool:
+    return use_triton(tensors[0]) and all(t is None or t.dtype != torch.float64 for t in tensors)
+
+
+def _mask_for_kernel(mask: torch.Tensor) -> torch.Tensor:
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+# ---------------------------------------------------------------- vectorised torch paths
+
+
+@lru_cache(maxsize=32)
+def _kalman_coefficients(
+    length: int, process_var: float, meas_var: float, init_var: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The filter as a linear map (float64): x = W r + c m0 and A = (r - x) * s.
+
+    P and K depend only on the position, so x_k = c_k m0 + sum_j W[k, j] r_j with
+    W lower-triangular: W[k, j] = K_j prod_{i=j+1..k} (1 - K_i), c_k = prod_{i<=k} (1 - K_i).
+    """
+    weights = torch.zeros(length, length, dtype=torch.float64)
+    carry = torch.zeros(length, dtype=torch.float64)
+    init_coef = torch.empty(length, dtype=torch.float64)
+    scale = torch.empty(length, dtype=torch.float64)
+    p, c = init_var, 1.0
+    for k in range(length):
+        p_pred = p + process_var
+        gain = p_pred / (p_pred + meas_var)
+        p = (1.0 - gain) * p_pred
+        carry = carry * (1.0 - gain)
+        carry[k] = gain
+        weights[k] = carry
+        c *= 1.0 - gain
+        init_coef[k] = c
+        scale[k] = 1.0 / (p**0.5 + eps)
+    return weights, init_coef, scale
+
+
+def _group_index(
+    n: int, group_size: int | None, offsets: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(group id of every reward, its position within the group, number of groups)."""
+    rows = torch.arange(n, device=device)
+    if offsets is None:
+        return rows // group_size, rows % group_size, n // group_size
+    starts = offsets[:-1].long()
+    lengths = offsets.diff().long()
+    group = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    return group, rows - starts[group], len(lengths)
+
+
+def _group_advantages_torch(
+    rewards: torch.Tensor,
+    group_size: int | None,
+    offsets: torch.Tensor | None,
+    max_group_len: int,
+    mode: str,
+    kalman: tuple[float, float, float, float],
+    eps: float,
+) -> torch.Tensor:
+    r = rewards.double()
+    group, pos, n_groups = _group_index(r.numel(), group_size, offsets, r.device)
+    if mode == "kalman":
+        process_var, meas_var, init_mean, init_var = kalman
+        weights, init_coef, scale = (
+            t.to(r.device)
+            for t in _kalman_coefficients(max_group_len, process_var, meas_var, init_var, eps)
+        )
+        padded = r.new_zeros(n_groups, max_group_len)
+        padded[group, pos] = r
+        x = (padded @ weights.T)[group, pos] + init_coef[pos] * init_mean
+        return ((r - x) * scale[pos]).float()
+    counts = torch.bincount(group, minlength=n_groups).double()
+    mean = r.new_zeros(n_groups).index_add_(0, group, r) / counts.clamp(min=1)
+    centred = r - mean[group]
+    if mode == "dr_grpo":
+        return centred.float()
+    if mode == "grpo":
+        sq = r.new_zeros(n_groups).index_add_(0, group, centred * centred)
+        std = (sq / (counts - 1).clamp(min=1)).sqrt()
+        # A group of one has no spread: advantage 0 rather than 0 / 0.
+        scale = torch.where(counts > 1, 1.0 / (std + eps), 0.0)
+        return (centred * scale[group]).float()
+    batch_std = r.std() if r.numel() > 1 else r.new_zeros(())
+    return (centred / (batch_std + eps)).float()
+
+
+def _policy_loss_torch(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    row_weight: float,
+    per_row_mean: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``krpo_fast.kernels.policy_loss.policy_loss_triton``."""
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    lp = logp.detach().to(dtype)
+    adv = advantages.to(dtype).unsqueeze(-1)
+    m = mask.to(dtype)
+    on = mask != 0
+    ratio = (lp - old_logp.to(dtype)).exp() if old_logp is not None else torch.ones_like(lp)
+    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
+    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
+    grad = torch.where(clipped, 0.0, -adv * ratio)
+    if beta != 0.0:
+        log_ratio_ref = ref_logp.to(dtype) - lp
+        ratio_ref = log_ratio_ref.exp()
+        kl = ratio_ref - log_ratio_ref - 1.0
+        loss = beta * kl - surrogate
+        grad = grad + beta * (1.0 - ratio_ref)
+    else:
+        kl = torch.zeros_like(lp)
+        loss = -surrogate
+    tokens = m.sum(-1)
+    if per_row_mean:
+        scale = torch.where(tokens > 0, row_weight / tokens.clamp(min=1), 0.0).unsqueeze(-1)
+    else:
+        scale = torch.full_like(tokens, row_weight).unsqueeze(-1)
+    # torch.where, not a product: padding may hold -inf or NaN log-probs.
+    grad = torch.where(on, grad * m * scale, 0.0).to(logp.dtype)
+    partials = torch.stack(
+        [
+            torch.where(on, loss * m, 0.0).sum(-1) * scale.squeeze(-1),
+            torch.where(on, kl * m, 0.0).sum(-1),
+            torch.where(on & clipped, m, 0.0).sum(-1),
+            tokens,
+        ]
+    )
+    return grad, partials.to(torch.promote_types(dtype, torch.float32))
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Reduces the kernels' per-row partials (in a fixed order) to the loss and metrics;
+    the backward scales the gradient the forward already computed."""
+
+    @staticmethod
+    def forward(ctx, logp, grad, partials, token_mean):  # noqa: D102
+        loss_sum, kl_sum, clipped, tokens = partials.sum(dim=1).unbind()
+        token_norm = 1.0 / tokens.clamp(min=1)
+        grad_scale = token_norm if token_mean else torch.ones_like(token_norm)
+        ctx.save_for_backward(grad, grad_scale)
+        kl, clip_fraction = kl_sum * token_norm, clipped * token_norm
+        ctx.mark_non_differentiable(kl, clip_fraction)
+        return loss_sum * grad_scale, kl, clip_fraction
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_clip):  # noqa: D102
+        grad, grad_scale = ctx.saved_tensors
+        return grad * (grad_loss * grad_scale).to(grad.dtype), None, None, None
+
+
+# ------------------------------------------------------------------------- public ops
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int | None = None,
+    group_offsets: torch.Tensor | None = None,
+    mode: str = "kalman",
+    process_var: float = 1e-5,
+    meas_var: float = 1e-2,
+    init_mean: float = 0.0,
+    init_var: float = 1.0,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Per-sequence advantages from the rewards of G samples per prompt, one launch on CUDA.
+
+    Args:
+        rewards: [B] float rewards, group after group, in rollout order (any float dtype;
+            the math is float32). Must be finite.
+        group_size: G for uniform groups (B = n_groups * G), or
+        group_offsets: [n_groups + 1] int offsets of ragged groups (like ``cu_seqlens``).
+        mode: ``"kalman"`` (KRPO: a scalar Kalman filter restarted per group,
+            A_k = (r_k - x_k) / (sqrt(P_k) + eps)), ``"grpo"`` ((r - mean) / (std + eps),
+            unbiased std; a group of one gets 0), ``"dr_grpo"`` (r - mean) or
+            ``"batch_std"`` ((r - group mean) / (std over the batch + eps)).
+        process_var, meas_var, init_mean, init_var: the filter's Q, R, x_0 and P_0
+            (the paper's defaults); used by ``"kalman"`` only.
+        eps: added to the std (or sqrt(P)) before dividing.
+
+    Returns:
+        float32 [B] advantages on the rewards' device. Not differentiable: rewards are
+        constants of the policy gradient.
+    """
+    mode = _check_mode(mode)
+    rewards, group_size, offsets, max_len = _check_rewards(rewards, group_size, group_offsets)
+    q, r_var, m0, p0, eps = _check_kalman(process_var, meas_var, init_mean, init_var, eps)
+    rewards = rewards.detach()
+    if _uses_triton(rewards):
+        from krpo_fast.kernels.group_advantages import group_advantages_triton
+
+        return group_advantages_triton(rewards, group_size, offsets, mode, q, r_var, m0, p0, eps)
+    return _group_advantages_torch(
+        rewards, group_size, offsets, max_len, mode, (q, r_var, m0, p0), eps
+    )
+
+
+def kalman_advantages(
+    rewards: torch.Tensor,
+    group_size: int | None = None,
+    group_offsets: torch.Tensor | None = None,
+    process_var: float = 1e-5,
+    meas_var: float = 1e-2,
+    init_mean: float = 0.0,
+    init_var: float = 1.0,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """KRPO advantages: ``group_advantages(..., mode="kalman")``; float32 [B]."""
+    return group_advantages(
+        rewards,
+        group_size,
+        group_offsets,
+        "kalman",
+        process_var,
+        meas_var,
+        init_mean,
+        init_var,
+        eps,
+    )
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.01,
+    loss_agg: str = "seq-mean-token-mean",
+    max_len: int | None = None,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped policy-gradient loss with k3 KL (the paper's GRPOLoss), fused.
+
+    Args:
+        logp: [B, T] token log-probs of the current policy (float32, bf16, fp16).
+        old_logp: [B, T] log-probs of the policy that sampled, or None for on-policy
+            (the ratio is then taken against ``logp.detach()``, i.e. 1).
+        ref_logp: [B, T] reference-model log-probs; required unless ``beta == 0``
+            (then it is never read).
+        advantages: [B] one advantage per sequence.
+        mask: [B, T] bool / int / float; tokens with mask 0 are ignored entirely
+            (their log-probs may be -inf or NaN).
+        eps_low, eps_high: the ratio is clipped to [1 - eps_low, 1 + eps_high].
+        beta: weight of the k3 KL term exp(ref - logp) - (ref - logp) - 1.
+        loss_agg: ``"seq-mean-token-mean"`` (paper: mean over sequences of each
+            sequence's token mean; an all-masked sequence contributes 0),
+            ``"token-mean"`` (sum over masked tokens / their count),
+            ``"seq-mean-token-sum"`` (mean over sequences of token sums) or
+            ``"seq-mean-token-sum-norm"`` (Dr. GRPO: token sums / ``max_len``, mean over
+            sequences).
+        max_len: the constant length of ``"seq-mean-token-sum-norm"``.
+        check_finite: also check that log-probs are finite at masked-in tokens
+            (one device sync; off by default for throughput).
+
+    Returns:
+        (loss, {"kl": mean k3 KL over masked tokens, "clip_fraction": share of masked
+        tokens whose gradient the clip removes}), all 0-dim float32 tensors; the
+        loss is differentiable in ``logp``.
+    """
+    logp, old_logp, ref_logp, mask = _check_loss_inputs(
+        logp,
+        old_logp,
+        ref_logp,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        check_finite,
+    )
+    advantages = _check_advantages(advantages, logp)
+    row_weight, per_row_mean = _aggregation_weights(loss_agg, logp.shape[0], max_len)
+    old = None if old_logp is None else old_logp.detach()
+    ref = None if ref_logp is None else ref_logp.detach()
+    if _uses_triton(logp, old, ref, advantages):
+        from krpo_fast.kernels.policy_loss import policy_loss_triton
+
+        grad, partials = policy_loss_triton(
+            logp.detach(),
+            old,
+            ref,
+            advantages,
+            _mask_for_kernel(mask),
+            eps_low,
+            eps_high,
+            beta,
+            row_weight,
+            per_row_mean,
+        )
+    else:
+        grad, partials = _policy_loss_torch(
+            logp, old, ref, advantages, mask, eps_low, eps_high, beta, row_weight, per_row_mean
+        )
+    loss, kl, clip_fraction = _FusedLoss.apply(logp, grad, partials, loss_agg == "token-mean")
+    return loss, {"kl": kl, "clip_fraction": clip_fraction}
+
+
+def krpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int | None = None,
+    group_offsets: torch.Tensor | None = None,
+    adv_mode: str = "kalman",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.01,
+    loss_agg: str = "seq-mean-token-mean",
+    max_len: int | None = None,
+    process_var: float = 1e-5,
+    meas_var: float = 1e-2,
+    init_mean: float = 0.0,
+    init_var: float = 1.0,
+    eps: float = 1e-8,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The fused KRPO loss: group advantages from rewards and the clipped policy loss,
+    one launch on CUDA (``batch_std`` adds one reduction for the batch std).
+
+    Equal to ``policy_loss(logp, old_logp, ref_logp, group_advantages(rewards, ...,
+    mode=adv_mode), mask, ...)``; the arguments mean the same as there. Rows of
+    ``logp`` are sequences in the order of ``rewards``.
+
+    Returns:
+        (loss, {"kl", "clip_fraction", "advantages" (float32 [B])}).
+    """
+    logp, old_logp, ref_logp, mask = _check_loss_inputs(
+        logp,
+        old_logp,
+        ref_logp,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        check_finite,
+    )
+    mode = _check_mode(adv_mode)
+    rewards, group_size, offsets, max_group_len = _check_rewards(rewards, group_size, group_offsets)
+    if rewards.shape[0] != logp.shape[0]:
+        raise ValueError(
+            f"rewards must have one entry per sequence ({logp.shape[0]}), got {rewards.shape[0]}"
+        )
+    v.check_same_device("rewards", rewards, "logp", logp)
+    q, r_var, m0, p0, eps = _check_kalman(process_var, meas_var, init_mean, init_var, eps)
+    rewards = rewards.detach()
+    row_weight, per_row_mean = _aggregation_weights(loss_agg, logp.shape[0], max_len)
+    old = None if old_logp is None else old_logp.detach()
+    ref = None if ref_logp is None else ref_logp.detach()
+    if _uses_triton(logp, old, ref, rewards):
+        from krpo_fast.kernels.krpo_loss import krpo_loss_triton
+
+        advantages, grad, partials = krpo_loss_triton(
+            logp.detach(),
+            old,
+            ref,
+            rewards,
+            _mask_for_kernel(mask),
+            group_size,
+            offsets,
+            mode,
+            (q, r_var, m0, p0),
+            eps,
+            eps_low,
+            eps_high,
+            beta,
+            row_weight,
+            per_row_mean,
+            max_group_len,
+        )
+    else:
+        advantages = _group_advantages_torch(
+            rewards, group_size, offsets, max_group_len, mode, (q, r_var, m0, p0), eps
+        )
+        grad, partials = _policy_loss_torch(
+            logp, old, ref, advantages, mask, eps_low, eps_high, beta, row_weight, per_row_mean
+        )
+    loss, kl, clip_fraction = _FusedLoss.apply(logp, grad, partials, loss_agg == "token-mean")
+    return loss, {"kl": kl, "clip_fraction": clip_fraction, "advantages": advantages}
