@@ -1,0 +1,184 @@
+"""Fused clipped-surrogate + k3-KL policy loss from logits, with its gradient.
+
+One program per token row r (global token index g = row_start + r, sequence
+i = g // T, temperature T_temp, x = z / T_temp):
+
+    pass 1 (read the logits once):   lse = log sum_v exp(x_v)   (online, V chunks)
+                                     logp = x_y - lse
+    per token (A = adv[i], w = mask[g] * seq_weight[i], the aggregation weight):
+        ratio  = exp(logp - old[g])                         (1 when HAS_OLD is False)
+        d      = ref[g] - logp ;  kl = exp(d) - d - 1       (0 when HAS_KL is False)
+        loss   = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta kl
+        clipped = (A > 0 and ratio > 1 + eps_high) or (A < 0 and ratio < 1 - eps_low)
+        g_t    = w * ( -A ratio [not clipped] + beta (1 - exp(d)) )   = d(sum w loss)/d logp
+    pass 2 (write the gradient once): dz_v = (onehot(y)_v - softmax(x)_v) g_t / T_temp
+
+Outputs per row (float32 [rows]): w * loss, mask * kl, mask * clipped; the
+caller sums them (deterministic, no atomics). dz goes to the gradient buffer in
+its dtype; that buffer may be the logits themselves (in place).
+
+Rows with mask 0 skip both passes' reads (their dz is 0): padding costs one
+write, not a read and a write.
+
+Addressing: logits and grad are [B, T_view, V] views (last dim contiguous, any
+row strides), local row r at (r // T_view, r % T_view); a [rows, V] chunk is
+T_view = 1. Token tensors (ids, old, ref, mask) are contiguous [B * T] and
+per-sequence tensors (adv, seq_weight) contiguous [B].
+"""
+
+import triton
+import triton.language as tl
+from krpo_fast.kernels.selective_log_softmax import _row_offset, launch_config
+
+
+@triton.jit
+def _logits_loss_kernel(
+    logits_ptr,
+    grad_ptr,
+    ids_ptr,
+    old_ptr,
+    ref_ptr,
+    mask_ptr,
+    adv_ptr,
+    seq_weight_ptr,
+    loss_ptr,
+    kl_ptr,
+    clip_ptr,
+    row_start,
+    seq_len,
+    T_view,
+    stride_b,
+    stride_t,
+    grad_stride_b,
+    grad_stride_t,
+    V,
+    inv_temp,
+    eps_low,
+    eps_high,
+    beta,
+    BLOCK_V: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    tok = row_start + row
+    seq = tok // seq_len
+    base = logits_ptr + _row_offset(row, T_view, stride_b, stride_t)
+    grad_base = grad_ptr + _row_offset(row, T_view, grad_stride_b, grad_stride_t)
+    cols = tl.arange(0, BLOCK_V)
+
+    m_tok = tl.load(mask_ptr + tok)
+    active = m_tok != 0
+    # Loads are bounded by n_read: 0 for masked rows, which then read nothing.
+    n_read = tl.where(active, V, 0)
+
+    # Pass 1: online log-sum-exp (masked rows load nothing).
+    m = -float("inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        ld_mask = start + cols < n_read
+        x = tl.load(base + start + cols, mask=ld_mask, other=-float("inf")).to(tl.float32)
+        x = x * inv_temp
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    # Masked rows: m = -inf, s = 0; lse is set to 0 so nothing below turns NaN.
+    lse = tl.where(active, m + tl.log(s), 0.0)
+
+    y = tl.load(ids_ptr + tok).to(tl.int64)
+    x_y = tl.load(base + y, mask=active, other=0.0).to(tl.float32) * inv_temp
+    logp = x_y - lse
+
+    adv = tl.load(adv_ptr + seq)
+    w = m_tok * tl.load(seq_weight_ptr + seq)
+    if HAS_OLD:
+        ratio = tl.exp(logp - tl.load(old_ptr + tok))
+    else:
+        ratio = logp * 0.0 + 1.0
+    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    loss = -tl.minimum(ratio * adv, clipped_ratio * adv)
+    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
+    dlogp = tl.where(clipped, 0.0, -adv * ratio)
+    if HAS_KL:
+        d = tl.load(ref_ptr + tok) - logp
+        e = tl.exp(d)
+        kl = e - d - 1.0
+        loss += beta * kl
+        dlogp += beta * (1.0 - e)
+        tl.store(kl_ptr + row, tl.where(active, m_tok * kl, 0.0))
+    # tl.where, not a product: a padding token's garbage old/ref must not give 0 * inf.
+    tl.store(loss_ptr + row, tl.where(active, w * loss, 0.0))
+    tl.store(clip_ptr + row, tl.where(active & clipped, m_tok, 0.0))
+
+    if WRITE_GRAD:
+        # Pass 2: dz = (onehot - softmax) g / T; a row's second read hits L2 on a GPU.
+        g = tl.where(active, w * dlogp, 0.0) * inv_temp
+        for start in range(0, V, BLOCK_V):
+            idx = start + cols
+            x = tl.load(base + idx, mask=idx < n_read, other=0.0).to(tl.float32) * inv_temp
+            p = tl.where(active, tl.exp(x - lse), 0.0)
+            dz = (tl.where(idx == y, 1.0, 0.0) - p) * g
+            tl.store(grad_base + idx, dz.to(grad_ptr.dtype.element_ty), mask=idx < V)
+
+
+def logits_loss_fwd(
+    logits,
+    grad,
+    token_ids,
+    old_logp,
+    ref_logp,
+    mask,
+    advantages,
+    seq_weight,
+    loss_rows,
+    kl_rows,
+    clip_rows,
+    row_start,
+    seq_len,
+    temperature,
+    eps_low,
+    eps_high,
+    beta,
+    write_grad=True,
+):
+    """Launch over the rows of ``logits`` ([B', T_view, V] view) = tokens row_start....
+
+    ``old_logp`` / ``ref_logp`` may be None (ratio 1 / no KL term); ``kl_rows`` is
+    left untouched when ``ref_logp`` is None. ``grad`` may alias ``logits``; it is
+    not written when ``write_grad`` is False. Per-token tensors are indexed by
+    global token, the per-row outputs by local row.
+    """
+    n_rows = logits.shape[0] * logits.shape[1]
+    V = logits.shape[2]
+    block, num_warps = launch_config(V)
+    _logits_loss_kernel[(n_rows,)](
+        logits,
+        grad,
+        token_ids,
+        old_logp if old_logp is not None else mask,
+        ref_logp if ref_logp is not None else mask,
+        mask,
+        advantages,
+        seq_weight,
+        loss_rows,
+        kl_rows,
+        clip_rows,
+        row_start,
+        seq_len,
+        logits.shape[1],
+        logits.stride(0),
+        logits.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        V,
+        1.0 / temperature,
+        eps_low,
+        eps_high,
+        beta,
+        BLOCK_V=block,
+        HAS_OLD=old_logp is not None,
+        HAS_KL=ref_logp is not None,
+        WRITE_GRAD=write_grad,
+        num_warps=num_warps,
+    )

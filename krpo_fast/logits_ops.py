@@ -1,0 +1,746 @@
+"""Logits-level fused ops: token log-probs and the KRPO loss from logits or hidden states.
+
+- :func:`selective_log_softmax`: log_softmax(logits / T) gathered at the tokens
+  (optionally the entropy too) without a float32 copy of the logits.
+- :func:`policy_loss_from_logits` / :func:`krpo_loss_from_logits`: the clipped
+  surrogate + k3 KL loss (advantages given, or Kalman/GRPO advantages from
+  rewards) in one read of the logits and one write of their gradient.
+- :func:`policy_loss_from_hidden` / :func:`krpo_loss_from_hidden`: the same from
+  the last hidden states and the LM-head weight, chunked over tokens so the full
+  [N, V] logits never exist.
+
+The loss ops compute the gradient in the forward pass (the loss is a scalar), so
+their backward only scales it by the upstream gradient. Run backward once.
+
+Dispatch (DESIGN.md): CUDA -> compiled Triton; CPU -> vectorised torch over
+blocks of rows (so no float32 copy of the whole logits), or the Triton kernel in
+the interpreter when ``TRITON_INTERPRET=1``.
+"""
+
+from collections.abc import Iterator
+
+import torch
+
+from krpo_fast._dispatch import use_triton
+from krpo_fast._validation import (
+    FLOAT_DTYPES,
+    check_finite_number,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+from krpo_fast.kernels.logits_loss import logits_loss_fwd
+from krpo_fast.kernels.selective_log_softmax import (
+    selective_log_softmax_bwd,
+    selective_log_softmax_fwd,
+)
+from krpo_fast.ops import group_advantages
+
+__all__ = [
+    "krpo_loss_from_hidden",
+    "krpo_loss_from_logits",
+    "policy_loss_from_hidden",
+    "policy_loss_from_logits",
+    "selective_log_softmax",
+]
+
+LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+MASK_DTYPES = (torch.bool, *INT_DTYPES, *FLOAT_DTYPES)
+# The CPU torch path works on blocks of about this many logits (a 16 MB float32
+# temporary), so a huge bf16 batch is never upcast whole.
+_TORCH_BLOCK_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_logits_and_ids(
+    name: str, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float
+) -> None:
+    check_tensor(name, logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_tensor("token_ids", token_ids, dtypes=INT_DTYPES)
+    check_same_device("token_ids", token_ids, name, logits)
+    if tuple(token_ids.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"token_ids must have shape {tuple(logits.shape[:-1])} (the leading dims of "
+            f"{name} {tuple(logits.shape)}), got {tuple(token_ids.shape)}"
+        )
+    check_positive("temperature", temperature)
+    _check_ids_in_range(token_ids, logits.shape[-1])
+
+
+def _check_ids_in_range(token_ids: torch.Tensor, vocab_size: int) -> None:
+    if vocab_size == 0:
+        raise ValueError("the vocabulary (last dim of the logits / weight rows) is empty")
+    if token_ids.numel() == 0:
+        return
+    # One sync on CUDA; an out-of-range id would otherwise read outside the row.
+    lo, hi = (int(v) for v in torch.aminmax(token_ids.long()))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token_ids must be in [0, {vocab_size}), found {bad}")
+
+
+def _check_loss_args(
+    token_ids: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    loss_agg: str,
+    max_len: int | None,
+) -> None:
+    if token_ids.dim() != 2:
+        raise ValueError(
+            f"token_ids must be [B, T] for a sequence loss, got shape {tuple(token_ids.shape)}"
+        )
+    for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if value is not None:
+            check_tensor(name, value, dtypes=FLOAT_DTYPES)
+            check_same_shape(name, value, "token_ids", token_ids)
+            check_same_device(name, value, "token_ids", token_ids)
+    check_tensor("mask", mask, dtypes=MASK_DTYPES)
+    check_same_shape("mask", mask, "token_ids", token_ids)
+    check_same_device("mask", mask, "token_ids", token_ids)
+    check_finite_number("eps_low", eps_low, minimum=0.0)
+    check_finite_number("eps_high", eps_high, minimum=0.0)
+    check_finite_number("beta", beta, minimum=0.0)
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta != 0 (pass beta=0.0 to drop the KL)")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if loss_agg == "seq-mean-token-sum-norm":
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
+            raise ValueError(f"max_len must be an int > 0 for {loss_agg!r}, got {max_len!r}")
+
+
+def _check_advantages(advantages: torch.Tensor, token_ids: torch.Tensor) -> None:
+    check_tensor("advantages", advantages, ndim=1, dtypes=FLOAT_DTYPES)
+    check_same_device("advantages", advantages, "token_ids", token_ids)
+    if advantages.shape[0] != token_ids.shape[0]:
+        raise ValueError(
+            f"advantages must have one value per sequence ({token_ids.shape[0]}), "
+            f"got shape {tuple(advantages.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------- row layout
+
+
+def _rows3d(x: torch.Tensor) -> torch.Tensor:
+    """[N, V] -> [N, 1, V] view, [B, T, V] as is; the last dim made contiguous."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.unsqueeze(1) if x.dim() == 2 else x
+
+
+def _row_blocks(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first row, [rows, V] view) blocks covering a [B, T, V] view in row order."""
+    B, T, V = x.shape
+    rows = max(1, _TORCH_BLOCK_ELEMENTS // max(V, 1))
+    try:
+        flat = x.view(B * T, V)
+    except RuntimeError:  # e.g. logits[:, :-1]: walk each sequence instead
+        for b in range(B):
+            for t0 in range(0, T, rows):
+                yield b * T + t0, x[b, t0 : t0 + rows]
+        return
+    for r0 in range(0, B * T, rows):
+        yield r0, flat[r0 : r0 + rows]
+
+
+def _scale_grad(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
+    """The backward of a loss whose gradient was stored in the forward pass."""
+    if grad is None or torch.equal(grad_output, torch.ones_like(grad_output)):
+        return grad
+    return grad.mul_(grad_output.to(grad.dtype))
+
+
+# ---------------------------------------------------------------------- selective log-softmax
+
+
+def _sls_forward_torch(
+    x3: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = x3.shape[0] * x3.shape[1]
+    logp = torch.empty(n, dtype=torch.float32, device=x3.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+    for r0, block in _row_blocks(x3):
+        r1 = r0 + block.shape[0]
+        x = block.float() / temperature
+        block_lse = torch.logsumexp(x, dim=-1)
+        lse[r0:r1] = block_lse
+        logp[r0:r1] = x.gather(1, ids[r0:r1, None]).squeeze(1) - block_lse
+        if with_entropy:
+            p = torch.exp(x - block_lse[:, None])
+            entropy[r0:r1] = block_lse - torch.where(p > 0, p * x, 0.0).sum(-1)
+    return logp, lse, entropy
+
+
+def _sls_backward_torch(
+    x3: torch.Tensor,
+    grad3: torch.Tensor,
+    ids: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    g_logp: torch.Tensor,
+    g_entropy: torch.Tensor | None,
+    temperature: float,
+) -> None:
+    grad_blocks = _row_blocks(grad3)
+    for r0, block in _row_blocks(x3):
+        _, grad_block = next(grad_blocks)
+        r1 = r0 + block.shape[0]
+        log_p = block.float() / temperature - lse[r0:r1, None]
+        p = log_p.exp()
+        g = g_logp[r0:r1, None] / temperature
+        dz = -p * g
+        dz.scatter_add_(1, ids[r0:r1, None], g)
+        if g_entropy is not None:
+            h = g_entropy[r0:r1, None] / temperature
+            dz -= torch.where(p > 0, h * p * (log_p + entropy[r0:r1, None]), 0.0)
+        grad_block.copy_(dz)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, token_ids, temperature, with_entropy, inplace_backward):
+        x3 = _rows3d(logits)
+        ids = token_ids.reshape(-1).contiguous()
+        if use_triton(logits):
+            n = ids.numel()
+            logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+            lse = torch.empty_like(logp)
+            entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+            if n > 0:
+                selective_log_softmax_fwd(
+                    x3, ids, logp, lse, entropy if with_entropy else lse, temperature, with_entropy
+                )
+        else:
+            logp, lse, entropy = _sls_forward_torch(x3, ids, temperature, with_entropy)
+        ctx.save_for_backward(logits, ids, lse, entropy)
+        ctx.temperature = temperature
+        ctx.inplace_backward = inplace_backward
+        logp = logp.view(token_ids.shape)
+        entropy = entropy.view(token_ids.shape) if with_entropy else entropy
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        logits, ids, lse, entropy = ctx.saved_tensors
+        if entropy.numel() == 0 or g_entropy is None:
+            g_entropy = None
+        else:
+            g_entropy = g_entropy.reshape(-1).float().contiguous()
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        else:
+            g_logp = g_logp.reshape(-1).float().contiguous()
+        x3 = _rows3d(logits)
+        if ctx.inplace_backward and x3.data_ptr() == logits.data_ptr():
+            grad = logits
+        else:
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad3 = _rows3d(grad)
+        if use_triton(logits):
+            if ids.numel() > 0:
+                selective_log_softmax_bwd(
+                    x3, grad3, ids, lse, entropy, g_logp, g_entropy, ctx.temperature
+                )
+        else:
+            _sls_backward_torch(x3, grad3, ids, lse, entropy, g_logp, g_entropy, ctx.temperature)
+        return grad, None, None, None, None
+
+
+def selective_log_softmax(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``log_softmax(logits / temperature).gather(-1, token_ids)`` in float32.
+
+    Args:
+        logits: [N, V] or [B, T, V], float32 / bf16 / fp16 / float64 (last dim
+            contiguous, other strides free: ``logits[:, :-1]`` is not copied).
+        token_ids: integer ids with the leading shape of ``logits``, in [0, V).
+        temperature: > 0; the logits are divided by it.
+        return_entropy: also return the per-token entropy of softmax(logits / T)
+            (differentiable), computed in the same pass.
+        inplace_backward: write the gradient over ``logits`` (saves one [N, V]
+            buffer; ``logits`` is garbage after backward, so nothing else may
+            need it, as in memory-saving trainers).
+
+    Returns:
+        logp (float32, shape of ``token_ids``), and the entropy when asked.
+        Backward: dz = (onehot - softmax(z / T)) g / T (plus the entropy term),
+        in the logits' dtype.
+    """
+    _check_logits_and_ids("logits", logits, token_ids, temperature)
+    logp, entropy = _SelectiveLogSoftmax.apply(
+        logits, token_ids, float(temperature), return_entropy, inplace_backward
+    )
+    return (logp, entropy) if return_entropy else logp
+
+
+# ----------------------------------------------------------------------------- fused loss rows
+
+
+class _LossSetup:
+    """Per-token and per-sequence inputs of the fused loss, flattened for the kernel."""
+
+    def __init__(self, token_ids, old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len):
+        B, T = token_ids.shape
+        self.seq_len = T
+        self.ids = token_ids.reshape(-1).contiguous()
+        self.old = None if old_logp is None else old_logp.reshape(-1).float().contiguous()
+        # beta = 0: ref is not read at all.
+        self.ref = None if beta == 0.0 else ref_logp.reshape(-1).float().contiguous()
+        self.mask = mask.reshape(-1).float().contiguous()
+        self.advantages = advantages.float().contiguous()
+        counts = self.mask.view(B, T).sum(-1)
+        self.mask_total = counts.sum()
+        if loss_agg == "seq-mean-token-mean":
+            weight = torch.where(counts > 0, 1.0 / (B * counts.clamp(min=1e-30)), 0.0)
+        elif loss_agg == "token-mean":
+            weight = (1.0 / self.mask_total.clamp(min=1.0)).expand(B)
+        elif loss_agg == "seq-mean-token-sum":
+            weight = torch.full_like(counts, 1.0 / B)
+        else:
+            weight = torch.full_like(counts, 1.0 / (B * max_len))
+        self.seq_weight = weight.contiguous()
+        n = B * T
+        self.loss_rows = torch.empty(n, dtype=torch.float32, device=token_ids.device)
+        self.kl_rows = torch.zeros_like(self.loss_rows)
+        self.clip_rows = torch.empty_like(self.loss_rows)
+
+    def metrics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        total = self.mask_total.clamp(min=1.0)
+        return self.loss_rows.sum(), self.kl_rows.sum() / total, self.clip_rows.sum() / total
+
+
+def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high, beta):
+    """Torch twin of the fused kernel on a [rows, V] block (tokens row_start...)."""
+    r1 = row_start + x2.shape[0]
+    tok = slice(row_start, r1)
+    seq = torch.arange(row_start, r1, device=x2.device) // setup.seq_len
+    ids = setup.ids[tok, None]
+    x = x2.float() / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(1, ids).squeeze(1) - lse
+    adv = setup.advantages[seq]
+    m = setup.mask[tok]
+    w = m * setup.seq_weight[seq]
+    ratio = torch.ones_like(logp) if setup.old is None else torch.exp(logp - setup.old[tok])
+    loss = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
+    dlogp = torch.where(clipped, 0.0, -adv * ratio)
+    active = m != 0
+    if setup.ref is not None:
+        d = setup.ref[tok] - logp
+        e = d.exp()
+        kl = e - d - 1.0
+        loss = loss + beta * kl
+        dlogp = dlogp + beta * (1.0 - e)
+        setup.kl_rows[tok] = torch.where(active, m * kl, 0.0)
+    setup.loss_rows[tok] = torch.where(active, w * loss, 0.0)
+    setup.clip_rows[tok] = torch.where(active & clipped, m, 0.0)
+    if grad2 is not None:
+        g = (torch.where(active, w * dlogp, 0.0) / temperature)[:, None]
+        dz = torch.exp(x - lse[:, None]).mul_(-g)
+        dz.scatter_add_(1, ids, g)
+        grad2.copy_(dz)
+
+
+def _loss_rows(x3, grad3, row_start, setup, temperature, eps_low, eps_high, beta):
+    """Fused loss rows over a [B', T', V] view; dz into ``grad3`` (None: no gradient)."""
+    if x3.shape[0] * x3.shape[1] == 0:
+        return
+    if use_triton(x3):
+        n = x3.shape[0] * x3.shape[1]
+        rows = slice(row_start, row_start + n)
+        logits_loss_fwd(
+            x3,
+            x3 if grad3 is None else grad3,
+            setup.ids,
+            setup.old,
+            setup.ref,
+            setup.mask,
+            setup.advantages,
+            setup.seq_weight,
+            setup.loss_rows[rows],
+            setup.kl_rows[rows],
+            setup.clip_rows[rows],
+            row_start,
+            setup.seq_len,
+            temperature,
+            eps_low,
+            eps_high,
+            beta,
+            write_grad=grad3 is not None,
+        )
+        return
+    grad_blocks = None if grad3 is None else _row_blocks(grad3)
+    for r0, block in _row_blocks(x3):
+        grad_block = None if grad_blocks is None else next(grad_blocks)[1]
+        _loss_rows_torch(
+            block, grad_block, row_start + r0, setup, temperature, eps_low, eps_high, beta
+        )
+
+
+# ----------------------------------------------------------------------------- loss from logits
+
+
+class _LossFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, setup, temperature, eps_low, eps_high, beta, need_grad, inplace):
+        x3 = _rows3d(logits)
+        grad = None
+        if need_grad:
+            if inplace and x3.data_ptr() == logits.data_ptr():
+                grad = logits
+            else:
+                grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        _loss_rows(
+            x3,
+            None if grad is None else _rows3d(grad),
+            0,
+            setup,
+            temperature,
+            eps_low,
+            eps_high,
+            beta,
+        )
+        loss, kl, clip_fraction = setup.metrics()
+        ctx.grad = grad
+        ctx.mark_non_differentiable(kl, clip_fraction)
+        return loss, kl, clip_fraction
+
+    @staticmethod
+    def backward(ctx, grad_output, _kl, _clip):
+        grad, ctx.grad = ctx.grad, None
+        return _scale_grad(grad, grad_output), None, None, None, None, None, None, None
+
+
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.01,
+    loss_agg: str = "seq-mean-token-mean",
+    max_len: int | None = None,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped-surrogate + k3-KL loss of ``policy_loss`` computed from logits.
+
+    ``logp = log_softmax(logits / temperature)[token_ids]`` is never materialised:
+    one kernel per token reads the logits once for the loss and writes
+    d loss / d logits once (in the logits' dtype), so backward is a scale.
+
+    Args:
+        logits: [B, T, V] or [B * T, V] (any float dtype; last dim contiguous).
+        token_ids: [B, T] integer ids in [0, V).
+        old_logp, ref_logp: [B, T] log-probs (None: ratio 1 / no KL, needs beta 0).
+        advantages: [B], one per sequence.
+        mask: [B, T] (bool, int or float weights).
+        inplace_backward: store the gradient over ``logits`` (saves one buffer;
+            ``logits`` holds the gradient afterwards).
+        Others as ``krpo_fast.ops.policy_loss``.
+
+    Returns:
+        (loss, {"kl": mean k3 KL over masked tokens, "clip_fraction": share of
+        masked tokens whose gradient the clip removes}).
+    """
+    _check_logits_and_ids_for_loss("logits", logits, token_ids, temperature)
+    _check_loss_args(
+        token_ids, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len
+    )
+    _check_advantages(advantages, token_ids)
+    setup = _LossSetup(token_ids, old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, kl, clip_fraction = _LossFromLogits.apply(
+        logits,
+        setup,
+        float(temperature),
+        float(eps_low),
+        float(eps_high),
+        float(beta),
+        need_grad,
+        inplace_backward,
+    )
+    return loss, {"kl": kl, "clip_fraction": clip_fraction}
+
+
+def _check_logits_and_ids_for_loss(
+    name: str, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float
+) -> None:
+    check_tensor("token_ids", token_ids, ndim=2, dtypes=INT_DTYPES)
+    check_tensor(name, logits, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    B, T = token_ids.shape
+    want = (B, T) if logits.dim() == 3 else (B * T,)
+    if tuple(logits.shape[:-1]) != want:
+        raise ValueError(
+            f"{name} must have leading shape {want} for token_ids of shape {(B, T)}, "
+            f"got {tuple(logits.shape)}"
+        )
+    _check_logits_and_ids(name, logits, token_ids.reshape(want), temperature)
+
+
+def _advantages(rewards, token_ids, group_size, group_offsets, adv_mode, kalman, eps):
+    check_tensor("rewards", rewards, ndim=1)
+    if rewards.shape[0] != token_ids.shape[0]:
+        raise ValueError(
+            f"rewards must have one value per sequence ({token_ids.shape[0]}), "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    return group_advantages(rewards, group_size, group_offsets, mode=adv_mode, eps=eps, **kalman)
+
+
+def krpo_loss_from_logits(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int | None = None,
+    group_offsets: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    adv_mode: str = "kalman",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.01,
+    loss_agg: str = "seq-mean-token-mean",
+    max_len: int | None = None,
+    process_var: float = 1e-5,
+    meas_var: float = 1e-2,
+    init_mean: float = 0.0,
+    init_var: float = 1.0,
+    eps: float = 1e-8,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``krpo_loss`` starting from logits: group advantages from ``rewards``
+    (``krpo_fast.ops.group_advantages``), then :func:`policy_loss_from_logits`.
+
+    Returns (loss, {"kl", "clip_fraction", "advantages"}).
+    """
+    kalman = dict(
+        process_var=process_var, meas_var=meas_var, init_mean=init_mean, init_var=init_var
+    )
+    check_tensor("token_ids", token_ids, ndim=2, dtypes=INT_DTYPES)
+    advantages = _advantages(rewards, token_ids, group_size, group_offsets, adv_mode, kalman, eps)
+    loss, metrics = policy_loss_from_logits(
+        logits,
+        token_ids,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        temperature,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        inplace_backward,
+    )
+    metrics["advantages"] = advantages
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- loss from hidden
+
+
+class _LossFromHidden(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        setup,
+        temperature,
+        eps_low,
+        eps_high,
+        beta,
+        chunk_size,
+        grad_hidden_needed,
+        grad_weight_needed,
+    ):
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        n = h2.shape[0]
+        need_dz = grad_hidden_needed or grad_weight_needed
+        grad_hidden = torch.empty_like(h2) if grad_hidden_needed else None
+        # Accumulated in the weight's dtype, as cuBLAS addmm does (fp32 inside a chunk).
+        grad_weight = torch.zeros_like(weight) if grad_weight_needed else None
+        for r0 in range(0, n, chunk_size):
+            h = h2[r0 : r0 + chunk_size]
+            logits = h @ weight.T  # [chunk, V]: the only per-chunk buffer; dz overwrites it
+            x3 = logits.unsqueeze(1)
+            _loss_rows(x3, x3 if need_dz else None, r0, setup, temperature, eps_low, eps_high, beta)
+            if grad_hidden is not None:
+                torch.mm(logits, weight, out=grad_hidden[r0 : r0 + chunk_size])
+            if grad_weight is not None:
+                grad_weight.addmm_(logits.T, h)
+            del logits, x3
+        loss, kl, clip_fraction = setup.metrics()
+        ctx.grads = (
+            None if grad_hidden is None else grad_hidden.view(hidden.shape),
+            grad_weight,
+        )
+        ctx.mark_non_differentiable(kl, clip_fraction)
+        return loss, kl, clip_fraction
+
+    @staticmethod
+    def backward(ctx, grad_output, _kl, _clip):
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, (None, None)
+        return (
+            _scale_grad(grad_hidden, grad_output),
+            _scale_grad(grad_weight, grad_output),
+            *([None] * 8),
+        )
+
+
+def policy_loss_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.01,
+    loss_agg: str = "seq-mean-token-mean",
+    max_len: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`policy_loss_from_logits` with ``logits = hidden @ lm_head_weight.T``,
+    never holding more than ``chunk_size`` rows of logits.
+
+    Per chunk of tokens: the matmul (torch), the fused loss kernel writing dz over
+    the chunk's logits, then grad_hidden[chunk] = dz @ W and grad_W += dz.T @ hidden.
+    All gradients are computed in the forward pass; backward scales them. Peak
+    extra memory is about chunk_size * V elements of the hidden dtype, plus the
+    gradients of hidden and W. No bias (LM heads have none).
+
+    Args:
+        hidden: [B, T, H] or [B * T, H] last hidden states.
+        lm_head_weight: [V, H], same dtype and device as ``hidden``.
+        chunk_size: tokens per chunk (> 0).
+        Others as :func:`policy_loss_from_logits`.
+    """
+    check_tensor("token_ids", token_ids, ndim=2, dtypes=INT_DTYPES)
+    check_tensor("hidden", hidden, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_tensor("lm_head_weight", lm_head_weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_same_device("hidden", hidden, "token_ids", token_ids)
+    check_same_device("lm_head_weight", lm_head_weight, "hidden", hidden)
+    if lm_head_weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"lm_head_weight dtype {lm_head_weight.dtype} must match hidden dtype {hidden.dtype}"
+        )
+    if lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be [V, {hidden.shape[-1]}] for hidden of shape "
+            f"{tuple(hidden.shape)}, got {tuple(lm_head_weight.shape)}"
+        )
+    B, T = token_ids.shape
+    want = (B, T) if hidden.dim() == 3 else (B * T,)
+    if tuple(hidden.shape[:-1]) != want:
+        raise ValueError(
+            f"hidden must have leading shape {want} for token_ids of shape {(B, T)}, "
+            f"got {tuple(hidden.shape)}"
+        )
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be an int > 0, got {chunk_size!r}")
+    check_positive("temperature", temperature)
+    _check_ids_in_range(token_ids, lm_head_weight.shape[0])
+    _check_loss_args(
+        token_ids, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len
+    )
+    _check_advantages(advantages, token_ids)
+    setup = _LossSetup(token_ids, old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len)
+    grad_on = torch.is_grad_enabled()
+    loss, kl, clip_fraction = _LossFromHidden.apply(
+        hidden,
+        lm_head_weight,
+        setup,
+        float(temperature),
+        float(eps_low),
+        float(eps_high),
+        float(beta),
+        chunk_size,
+        grad_on and hidden.requires_grad,
+        grad_on and lm_head_weight.requires_grad,
+    )
+    return loss, {"kl": kl, "clip_fraction": clip_fraction}
+
+
+def krpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int | None = None,
+    group_offsets: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    adv_mode: str = "kalman",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.01,
+    loss_agg: str = "seq-mean-token-mean",
+    max_len: int | None = None,
+    process_var: float = 1e-5,
+    meas_var: float = 1e-2,
+    init_mean: float = 0.0,
+    init_var: float = 1.0,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``krpo_loss`` from the last hidden states and the LM-head weight, chunked
+    (:func:`policy_loss_from_hidden` after ``group_advantages``).
+
+    Returns (loss, {"kl", "clip_fraction", "advantages"}).
+    """
+    kalman = dict(
+        process_var=process_var, meas_var=meas_var, init_mean=init_mean, init_var=init_var
+    )
+    check_tensor("token_ids", token_ids, ndim=2, dtypes=INT_DTYPES)
+    advantages = _advantages(rewards, token_ids, group_size, group_offsets, adv_mode, kalman, eps)
+    loss, metrics = policy_loss_from_hidden(
+        hidden,
+        lm_head_weight,
+        token_ids,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        temperature,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        chunk_size,
+    )
+    metrics["advantages"] = advantages
+    return loss, metrics
