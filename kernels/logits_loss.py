@@ -3,15 +3,15 @@
 One program per token row r (global token index g = row_start + r, sequence
 i = g // T, temperature T_temp, x = z / T_temp):
 
-    pass 1 (read the logits once):   lse = log sum_v exp(x_v)   (online, V chunks)
-                                     logp = x_y - lse
+    pass 1 (read the logits once):   M = max x,  S = log sum_v exp(x_v - M)   (online)
+                                     logp = (x_y - M) - S
     per token (A = adv[i], w = mask[g] * seq_weight[i], the aggregation weight):
         ratio  = exp(logp - old[g])                         (1 when HAS_OLD is False)
         d      = ref[g] - logp ;  kl = exp(d) - d - 1       (0 when HAS_KL is False)
         loss   = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta kl
         clipped = (A > 0 and ratio > 1 + eps_high) or (A < 0 and ratio < 1 - eps_low)
         g_t    = w * ( -A ratio [not clipped] + beta (1 - exp(d)) )   = d(sum w loss)/d logp
-    pass 2 (write the gradient once): dz_v = (onehot(y)_v - softmax(x)_v) g_t / T_temp
+    pass 2 (write the gradient once): dz_v = (onehot(y)_v - exp(x_v - M - S)) g_t / T_temp
 
 Outputs per row (float32 [rows]): w * loss, mask * kl, mask * clipped; the
 caller sums them (deterministic, no atomics). dz goes to the gradient buffer in
@@ -83,12 +83,13 @@ def _logits_loss_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    # Masked rows: m = -inf, s = 0; lse is set to 0 so nothing below turns NaN.
-    lse = tl.where(active, m + tl.log(s), 0.0)
+    # Masked rows: m = -inf, s = 0; both are set to 0 so nothing below turns NaN.
+    m = tl.where(active, m, 0.0)
+    log_s = tl.where(active, tl.log(s), 0.0)
 
     y = tl.load(ids_ptr + tok).to(tl.int64)
     x_y = tl.load(base + y, mask=active, other=0.0).to(tl.float32) * inv_temp
-    logp = x_y - lse
+    logp = (x_y - m) - log_s
 
     adv = tl.load(adv_ptr + seq)
     w = m_tok * tl.load(seq_weight_ptr + seq)
@@ -117,7 +118,7 @@ def _logits_loss_kernel(
         for start in range(0, V, BLOCK_V):
             idx = start + cols
             x = tl.load(base + idx, mask=idx < n_read, other=0.0).to(tl.float32) * inv_temp
-            p = tl.where(active, tl.exp(x - lse), 0.0)
+            p = tl.where(active, tl.exp((x - m) - log_s), 0.0)
             dz = (tl.where(idx == y, 1.0, 0.0) - p) * g
             tl.store(grad_base + idx, dz.to(grad_ptr.dtype.element_ty), mask=idx < V)
 

@@ -2,9 +2,10 @@
 
 Forward, per row r with logits z[r, :V], token y_r, temperature T, x = z / T:
 
-    lse_r     = log sum_v exp(x_v)                      (online, over chunks of V)
-    logp_r    = x_{y_r} - lse_r
-    entropy_r = lse_r - sum_v softmax(x)_v x_v          (optional, same pass)
+    M_r       = max_v x_v,  S_r = log sum_v exp(x_v - M_r)   (online, chunks of V)
+    logp_r    = (x_{y_r} - M_r) - S_r     (not x_y - lse: with |x| ~ 1e4 the lse
+                                            would lose 1e-3 to float32 rounding)
+    entropy_r = -sum_v softmax(x)_v log softmax(x)_v    (optional, same pass)
 
 Backward, for upstream gradients g_r (of logp) and h_r (of entropy), p = softmax(x):
 
@@ -13,7 +14,7 @@ Backward, for upstream gradients g_r (of logp) and h_r (of entropy), p = softmax
 Shapes: logits are addressed as rows of a [B, T_view, V] view with any row
 strides (last dim contiguous), so a [N, V] tensor is B = N, T_view = 1 and a
 slice such as ``logits[:, :-1]`` needs no copy. Per-row tensors (token ids,
-logp, lse, entropy, g, h) are contiguous [rows]. Every load of the logits is
+logp, M, S, entropy, g, h) are contiguous [rows]. Every load of the logits is
 upcast to float32 at once (bf16/fp16 arithmetic is float32 inside); dz is stored
 in the gradient buffer's dtype, which may be the logits' own storage (in place).
 """
@@ -45,7 +46,8 @@ def _selective_log_softmax_fwd_kernel(
     logits_ptr,
     ids_ptr,
     logp_ptr,
-    lse_ptr,
+    max_ptr,
+    logsum_ptr,
     entropy_ptr,
     T_view,
     stride_b,
@@ -61,7 +63,9 @@ def _selective_log_softmax_fwd_kernel(
 
     m = -float("inf")
     s = 0.0
-    t = 0.0  # sum exp(x - m) * x, for the entropy
+    # t = sum exp(x - m) (x - m): entropy = log s - t / s, with no cancellation
+    # between lse and E[x] (both ~ max logit) that lse - E[x] would suffer.
+    t = 0.0
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
         x = tl.load(base + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
@@ -69,19 +73,22 @@ def _selective_log_softmax_fwd_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=0))
         scale = tl.exp(m - m_new)
         e = tl.exp(x - m_new)
-        s = s * scale + tl.sum(e, axis=0)
         if WITH_ENTROPY:
+            # Re-centre t on m_new; the first chunk (s == 0) has nothing to move.
+            t = tl.where(s > 0, scale * (t + (m - m_new) * s), 0.0)
             # e == 0 where x == -inf: 0 * -inf would be NaN.
-            t = t * scale + tl.sum(tl.where(e > 0, e * x, 0.0), axis=0)
+            t += tl.sum(tl.where(e > 0, e * (x - m_new), 0.0), axis=0)
+        s = s * scale + tl.sum(e, axis=0)
         m = m_new
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
 
     y = tl.load(ids_ptr + row).to(tl.int64)
     x_y = tl.load(base + y).to(tl.float32) * inv_temp
-    tl.store(logp_ptr + row, x_y - lse)
-    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, (x_y - m) - log_s)
+    tl.store(max_ptr + row, m)
+    tl.store(logsum_ptr + row, log_s)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, lse - t / s)
+        tl.store(entropy_ptr + row, log_s - t / s)
 
 
 @triton.jit
@@ -89,7 +96,8 @@ def _selective_log_softmax_bwd_kernel(
     logits_ptr,
     grad_ptr,
     ids_ptr,
-    lse_ptr,
+    max_ptr,
+    logsum_ptr,
     entropy_ptr,
     g_logp_ptr,
     g_entropy_ptr,
@@ -109,7 +117,8 @@ def _selective_log_softmax_bwd_kernel(
     cols = tl.arange(0, BLOCK_V)
 
     y = tl.load(ids_ptr + row).to(tl.int64)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(max_ptr + row)
+    log_s = tl.load(logsum_ptr + row)
     g = tl.load(g_logp_ptr + row) * inv_temp
     if WITH_ENTROPY_GRAD:
         h = tl.load(g_entropy_ptr + row) * inv_temp
@@ -118,7 +127,7 @@ def _selective_log_softmax_bwd_kernel(
         idx = start + cols
         mask = idx < V
         x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) * inv_temp
-        log_p = x - lse
+        log_p = (x - m) - log_s
         p = tl.exp(log_p)
         dz = (tl.where(idx == y, 1.0, 0.0) - p) * g
         if WITH_ENTROPY_GRAD:
@@ -128,12 +137,14 @@ def _selective_log_softmax_bwd_kernel(
         tl.store(grad_base + idx, dz.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def selective_log_softmax_fwd(logits, token_ids, logp, lse, entropy, temperature, with_entropy):
+def selective_log_softmax_fwd(
+    logits, token_ids, logp, row_max, log_sum, entropy, temperature, with_entropy
+):
     """Launch the forward kernel over every row of a [B, T_view, V] view.
 
-    ``logits`` is a 3D view (last dim contiguous); ``token_ids``, ``logp``, ``lse``
-    and ``entropy`` are contiguous with B * T_view elements (``entropy`` may be
-    any float32 tensor when ``with_entropy`` is False).
+    ``logits`` is a 3D view (last dim contiguous); ``token_ids``, ``logp``,
+    ``row_max`` (M), ``log_sum`` (S) and ``entropy`` are contiguous with
+    B * T_view elements (``entropy`` is not written when ``with_entropy`` is False).
     """
     n_rows = logits.shape[0] * logits.shape[1]
     V = logits.shape[2]
@@ -142,8 +153,9 @@ def selective_log_softmax_fwd(logits, token_ids, logp, lse, entropy, temperature
         logits,
         token_ids,
         logp,
-        lse,
-        entropy,
+        row_max,
+        log_sum,
+        entropy if with_entropy else logp,
         logits.shape[1],
         logits.stride(0),
         logits.stride(1),
@@ -156,7 +168,7 @@ def selective_log_softmax_fwd(logits, token_ids, logp, lse, entropy, temperature
 
 
 def selective_log_softmax_bwd(
-    logits, grad, token_ids, lse, entropy, g_logp, g_entropy, temperature
+    logits, grad, token_ids, row_max, log_sum, entropy, g_logp, g_entropy, temperature
 ):
     """Launch the backward kernel: write dz into ``grad`` (may alias ``logits``).
 
@@ -171,8 +183,9 @@ def selective_log_softmax_bwd(
         logits,
         grad,
         token_ids,
-        lse,
-        entropy if with_entropy_grad else lse,
+        row_max,
+        log_sum,
+        entropy if with_entropy_grad else log_sum,
         g_logp,
         g_entropy if with_entropy_grad else g_logp,
         logits.shape[1],

@@ -138,19 +138,24 @@ def _rows3d(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 2 else x
 
 
-def _row_blocks(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (first row, [rows, V] view) blocks covering a [B, T, V] view in row order."""
+def _row_blocks(
+    x: torch.Tensor, grad: torch.Tensor | None = None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """Yield (first row, [rows, V] block of x, same block of grad) covering [B, T, V]
+    views (x and an optional grad of the same shape) in row order."""
     B, T, V = x.shape
     rows = max(1, _TORCH_BLOCK_ELEMENTS // max(V, 1))
     try:
-        flat = x.view(B * T, V)
+        flat = [x.view(B * T, V), None if grad is None else grad.view(B * T, V)]
     except RuntimeError:  # e.g. logits[:, :-1]: walk each sequence instead
         for b in range(B):
             for t0 in range(0, T, rows):
-                yield b * T + t0, x[b, t0 : t0 + rows]
+                grad_block = None if grad is None else grad[b, t0 : t0 + rows]
+                yield b * T + t0, x[b, t0 : t0 + rows], grad_block
         return
     for r0 in range(0, B * T, rows):
-        yield r0, flat[r0 : r0 + rows]
+        grad_block = None if flat[1] is None else flat[1][r0 : r0 + rows]
+        yield r0, flat[0][r0 : r0 + rows], grad_block
 
 
 def _scale_grad(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
@@ -168,35 +173,38 @@ def _sls_forward_torch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x3.shape[0] * x3.shape[1]
     logp = torch.empty(n, dtype=torch.float32, device=x3.device)
-    lse = torch.empty_like(logp)
+    stats = torch.empty(2, n, dtype=torch.float32, device=x3.device)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
-    for r0, block in _row_blocks(x3):
+    for r0, block, _ in _row_blocks(x3):
         r1 = r0 + block.shape[0]
+        # Centred on the row max, as the kernel (see its docstring for why).
         x = block.float() / temperature
-        block_lse = torch.logsumexp(x, dim=-1)
-        lse[r0:r1] = block_lse
-        logp[r0:r1] = x.gather(1, ids[r0:r1, None]).squeeze(1) - block_lse
+        row_max = x.amax(dim=-1, keepdim=True)
+        centred = x.sub_(row_max)
+        e = centred.exp()
+        s = e.sum(-1)
+        log_s = s.log()
+        stats[0, r0:r1] = row_max.squeeze(1)
+        stats[1, r0:r1] = log_s
+        logp[r0:r1] = centred.gather(1, ids[r0:r1, None]).squeeze(1) - log_s
         if with_entropy:
-            p = torch.exp(x - block_lse[:, None])
-            entropy[r0:r1] = block_lse - torch.where(p > 0, p * x, 0.0).sum(-1)
-    return logp, lse, entropy
+            entropy[r0:r1] = log_s - torch.where(e > 0, e * centred, 0.0).sum(-1) / s
+    return logp, stats, entropy
 
 
 def _sls_backward_torch(
     x3: torch.Tensor,
     grad3: torch.Tensor,
     ids: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor,
     g_logp: torch.Tensor,
     g_entropy: torch.Tensor | None,
     temperature: float,
 ) -> None:
-    grad_blocks = _row_blocks(grad3)
-    for r0, block in _row_blocks(x3):
-        _, grad_block = next(grad_blocks)
+    for r0, block, grad_block in _row_blocks(x3, grad3):
         r1 = r0 + block.shape[0]
-        log_p = block.float() / temperature - lse[r0:r1, None]
+        log_p = block.float() / temperature - stats[0, r0:r1, None] - stats[1, r0:r1, None]
         p = log_p.exp()
         g = g_logp[r0:r1, None] / temperature
         dz = -p * g
@@ -215,15 +223,15 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         if use_triton(logits):
             n = ids.numel()
             logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-            lse = torch.empty_like(logp)
+            stats = torch.empty(2, n, dtype=torch.float32, device=logits.device)
             entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
             if n > 0:
                 selective_log_softmax_fwd(
-                    x3, ids, logp, lse, entropy if with_entropy else lse, temperature, with_entropy
+                    x3, ids, logp, stats[0], stats[1], entropy, temperature, with_entropy
                 )
         else:
-            logp, lse, entropy = _sls_forward_torch(x3, ids, temperature, with_entropy)
-        ctx.save_for_backward(logits, ids, lse, entropy)
+            logp, stats, entropy = _sls_forward_torch(x3, ids, temperature, with_entropy)
+        ctx.save_for_backward(logits, ids, stats, entropy)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         logp = logp.view(token_ids.shape)
@@ -234,13 +242,13 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        logits, ids, lse, entropy = ctx.saved_tensors
+        logits, ids, stats, entropy = ctx.saved_tensors
         if entropy.numel() == 0 or g_entropy is None:
             g_entropy = None
         else:
             g_entropy = g_entropy.reshape(-1).float().contiguous()
         if g_logp is None:
-            g_logp = torch.zeros_like(lse)
+            g_logp = torch.zeros_like(stats[0])
         else:
             g_logp = g_logp.reshape(-1).float().contiguous()
         x3 = _rows3d(logits)
@@ -252,10 +260,10 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         if use_triton(logits):
             if ids.numel() > 0:
                 selective_log_softmax_bwd(
-                    x3, grad3, ids, lse, entropy, g_logp, g_entropy, ctx.temperature
+                    x3, grad3, ids, stats[0], stats[1], entropy, g_logp, g_entropy, ctx.temperature
                 )
         else:
-            _sls_backward_torch(x3, grad3, ids, lse, entropy, g_logp, g_entropy, ctx.temperature)
+            _sls_backward_torch(x3, grad3, ids, stats, entropy, g_logp, g_entropy, ctx.temperature)
         return grad, None, None, None, None
 
 
@@ -335,8 +343,9 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
     seq = torch.arange(row_start, r1, device=x2.device) // setup.seq_len
     ids = setup.ids[tok, None]
     x = x2.float() / temperature
-    lse = torch.logsumexp(x, dim=-1)
-    logp = x.gather(1, ids).squeeze(1) - lse
+    centred = x.sub_(x.amax(dim=-1, keepdim=True))  # as the kernel: (x_y - M) - S
+    log_s = centred.exp().sum(-1).log()
+    logp = centred.gather(1, ids).squeeze(1) - log_s
     adv = setup.advantages[seq]
     m = setup.mask[tok]
     w = m * setup.seq_weight[seq]
@@ -356,7 +365,7 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
     setup.clip_rows[tok] = torch.where(active & clipped, m, 0.0)
     if grad2 is not None:
         g = (torch.where(active, w * dlogp, 0.0) / temperature)[:, None]
-        dz = torch.exp(x - lse[:, None]).mul_(-g)
+        dz = centred.sub_(log_s[:, None]).exp_().mul_(-g)
         dz.scatter_add_(1, ids, g)
         grad2.copy_(dz)
 
@@ -389,9 +398,7 @@ def _loss_rows(x3, grad3, row_start, setup, temperature, eps_low, eps_high, beta
             write_grad=grad3 is not None,
         )
         return
-    grad_blocks = None if grad3 is None else _row_blocks(grad3)
-    for r0, block in _row_blocks(x3):
-        grad_block = None if grad_blocks is None else next(grad_blocks)[1]
+    for r0, block, grad_block in _row_blocks(x3, grad3):
         _loss_rows_torch(
             block, grad_block, row_start + r0, setup, temperature, eps_low, eps_high, beta
         )
