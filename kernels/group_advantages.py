@@ -9,6 +9,8 @@ Modes (``MODE`` constexpr):
     0 kalman:    x_0 = m0, P_0 = p0; for k = 1..len:
                      P- = P + Q;  K = P- / (P- + R);  x = x + K (r_k - x);  P = (1 - K) P-
                      A_k = (r_k - x) / (sqrt(P) + eps)
+                 (evaluated as A_k = (1 - K)(r_k - x_{k-1}) / (sqrt(P) + eps), the same value
+                 without float32 cancellation)
     1 grpo:      A = (r - mean_g) / (std_g + eps), std unbiased; a group of one gets 0
     2 dr_grpo:   A = r - mean_g
     3 batch_std: A = (r - mean_g) / (std_batch + eps), std unbiased over all B rewards
@@ -26,21 +28,29 @@ MODES = {"kalman": 0, "grpo": 1, "dr_grpo": 2, "batch_std": 3}
 
 @triton.jit
 def kalman_predict_update(p, process_var, meas_var):
-    """One step of the reward-independent part of the filter: returns (K, P_new)."""
+    """One step of the reward-independent part of the filter: returns (K, 1 - K, P_new).
+
+    1 - K is formed as R / (P- + R), not by subtraction: the advantage is computed
+    in innovation form, r_k - x_k = (1 - K)(r_k - x_{k-1}), which avoids cancelling
+    r_k against x_k in float32 when K is close to 1.
+    """
     p_pred = p + process_var
     gain = p_pred / (p_pred + meas_var)
-    return gain, (1.0 - gain) * p_pred
+    keep = meas_var / (p_pred + meas_var)
+    return gain, keep, keep * p_pred
 
 
 @triton.jit
 def batch_mean_std(rewards_ptr, n, BLOCK: tl.constexpr):
     """Mean and unbiased std of rewards[0:n] (two passes, float32); std 0 when n == 1."""
     offs = tl.arange(0, BLOCK)
+    first = tl.load(rewards_ptr).to(tl.float32)  # shift: equal rewards give std 0 exactly
     total = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
-        r = tl.load(rewards_ptr + start + offs, mask=start + offs < n, other=0.0)
-        total += r.to(tl.float32)
-    mean = tl.sum(total, axis=0) / n
+        valid = start + offs < n
+        r = tl.load(rewards_ptr + start + offs, mask=valid, other=0.0).to(tl.float32)
+        total += tl.where(valid, r - first, 0.0)
+    mean = first + tl.sum(total, axis=0) / n
     sq = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
         valid = start + offs < n
@@ -85,15 +95,20 @@ def _group_advantages_kernel(
         for k in range(0, n_steps):
             valid = k < length
             r = tl.load(rewards_ptr + start + k, mask=valid, other=0.0).to(tl.float32)
-            gain, p = kalman_predict_update(p, process_var, meas_var)
-            x = x + gain * (r - x)
-            tl.store(out_ptr + start + k, (r - x) / (tl.sqrt(p) + eps), mask=valid)
+            gain, keep, p = kalman_predict_update(p, process_var, meas_var)
+            innovation = r - x
+            x = x + gain * innovation
+            tl.store(out_ptr + start + k, keep * innovation / (tl.sqrt(p) + eps), mask=valid)
     else:
+        # Sum deviations from the group's first reward: a group of equal rewards then
+        # has a mean equal to them exactly, hence advantage 0 rather than rounding noise
+        # blown up by the std division.
+        first = tl.load(rewards_ptr + start, mask=length > 0, other=0.0).to(tl.float32)
         total = tl.zeros([BLOCK_GROUPS], tl.float32)
         for k in range(0, n_steps):
-            r = tl.load(rewards_ptr + start + k, mask=k < length, other=0.0)
-            total += r.to(tl.float32)
-        mean = total / tl.maximum(length, 1)
+            r = tl.load(rewards_ptr + start + k, mask=k < length, other=0.0).to(tl.float32)
+            total += tl.where(k < length, r - first, 0.0)
+        mean = first + total / tl.maximum(length, 1)
         if MODE == 1:
             sq = tl.zeros([BLOCK_GROUPS], tl.float32)
             for k in range(0, n_steps):

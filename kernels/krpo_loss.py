@@ -58,18 +58,26 @@ def row_advantage(
     if MODE == 0:
         x = init_mean + 0.0 * own
         p = init_var + 0.0 * own
+        innovation = 0.0 * own
+        keep = 0.0 * own
         for k in range(0, pos + 1):
             r = tl.load(rewards_ptr + start + k).to(tl.float32)
-            gain, p = kalman_predict_update(p, process_var, meas_var)
-            x = x + gain * (r - x)
-        return (own - x) / (tl.sqrt(p) + eps)
+            gain, keep, p = kalman_predict_update(p, process_var, meas_var)
+            innovation = r - x
+            x = x + gain * innovation
+        # Innovation form of (r_k - x_k) / (sqrt(P_k) + eps): see kalman_predict_update.
+        return keep * innovation / (tl.sqrt(p) + eps)
     else:
         offs = tl.arange(0, BLOCK_G)
+        # Deviations from the group's first reward (see group_advantages.py): equal
+        # rewards get advantage 0 exactly.
+        first = tl.load(rewards_ptr + start).to(tl.float32)
         total = tl.zeros([BLOCK_G], tl.float32)
         for k0 in range(0, length, BLOCK_G):
-            r = tl.load(rewards_ptr + start + k0 + offs, mask=k0 + offs < length, other=0.0)
-            total += r.to(tl.float32)
-        mean = tl.sum(total, axis=0) / length
+            valid = k0 + offs < length
+            r = tl.load(rewards_ptr + start + k0 + offs, mask=valid, other=0.0)
+            total += tl.where(valid, r.to(tl.float32) - first, 0.0)
+        mean = first + tl.sum(total, axis=0) / length
         if MODE == 1:
             sq = tl.zeros([BLOCK_G], tl.float32)
             for k0 in range(0, length, BLOCK_G):

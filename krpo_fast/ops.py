@@ -238,7 +238,13 @@ def _group_advantages_torch(
         x = (padded @ weights.T)[group, pos] + init_coef[pos] * init_mean
         return ((r - x) * scale[pos]).float()
     counts = torch.bincount(group, minlength=n_groups).double()
-    mean = r.new_zeros(n_groups).index_add_(0, group, r) / counts.clamp(min=1)
+    # Deviations from each group's first reward: equal rewards get a mean equal to
+    # them exactly, hence advantage 0 rather than rounding noise over a tiny std.
+    first = (
+        r[offsets[:-1].long().clamp(max=r.numel() - 1)] if offsets is not None else r[::group_size]
+    )
+    shifted = r - first[group]
+    mean = first + r.new_zeros(n_groups).index_add_(0, group, shifted) / counts.clamp(min=1)
     centred = r - mean[group]
     if mode == "dr_grpo":
         return centred.float()
@@ -248,7 +254,7 @@ def _group_advantages_torch(
         # A group of one has no spread: advantage 0 rather than 0 / 0.
         scale = torch.where(counts > 1, 1.0 / (std + eps), 0.0)
         return (centred * scale[group]).float()
-    batch_std = r.std() if r.numel() > 1 else r.new_zeros(())
+    batch_std = (r - r[0]).std() if r.numel() > 1 else r.new_zeros(())
     return (centred / (batch_std + eps)).float()
 
 
