@@ -5,7 +5,8 @@ i = g // T, temperature T_temp, x = z / T_temp):
 
     pass 1 (read the logits once):   M = max x,  S = log sum_v exp(x_v - M)   (online)
                                      logp = (x_y - M) - S
-    per token (A = adv[i], w = mask[g] * seq_weight[i], the aggregation weight):
+    per token (A = adv[i], w = mask[g] * seq_weight[i], the aggregation weight), the
+    same per-token math as policy_loss.py (``clipped_token_loss``):
         ratio  = exp(logp - old[g])                         (1 when HAS_OLD is False)
         d      = ref[g] - logp ;  kl = exp(d) - d - 1       (0 when HAS_KL is False)
         loss   = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A) + beta kl
@@ -28,6 +29,7 @@ per-sequence tensors (adv, seq_weight) contiguous [B].
 
 import triton
 import triton.language as tl
+from krpo_fast.kernels.policy_loss import clipped_token_loss
 from krpo_fast.kernels.selective_log_softmax import _row_offset, launch_config
 
 
@@ -93,20 +95,16 @@ def _logits_loss_kernel(
 
     adv = tl.load(adv_ptr + seq)
     w = m_tok * tl.load(seq_weight_ptr + seq)
+    old = logp
+    ref = logp
     if HAS_OLD:
-        ratio = tl.exp(logp - tl.load(old_ptr + tok))
-    else:
-        ratio = logp * 0.0 + 1.0
-    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-    loss = -tl.minimum(ratio * adv, clipped_ratio * adv)
-    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
-    dlogp = tl.where(clipped, 0.0, -adv * ratio)
+        old = tl.load(old_ptr + tok)
     if HAS_KL:
-        d = tl.load(ref_ptr + tok) - logp
-        e = tl.exp(d)
-        kl = e - d - 1.0
-        loss += beta * kl
-        dlogp += beta * (1.0 - e)
+        ref = tl.load(ref_ptr + tok)
+    loss, dlogp, kl, clipped = clipped_token_loss(
+        logp, old, ref, adv, eps_low, eps_high, beta, HAS_OLD, HAS_KL
+    )
+    if HAS_KL:
         tl.store(kl_ptr + row, tl.where(active, m_tok * kl, 0.0))
     # tl.where, not a product: a padding token's garbage old/ref must not give 0 * inf.
     tl.store(loss_ptr + row, tl.where(active, w * loss, 0.0))

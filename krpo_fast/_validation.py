@@ -10,6 +10,14 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+MASK_DTYPES = (torch.bool, *INT_DTYPES, *FLOAT_DTYPES)
+LOSS_AGGREGATIONS = (
+    "seq-mean-token-mean",
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
 
 
 def check_tensor(
@@ -75,3 +83,53 @@ def check_all_finite(name: str, value: torch.Tensor) -> None:
     if not bool(torch.isfinite(value).all()):
         bad = (~torch.isfinite(value)).nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite, found {value[tuple(bad)].item()} at {bad}")
+
+
+def check_loss_args(
+    ref_name: str,
+    ref: torch.Tensor,
+    old_logp: object,
+    ref_logp: object,
+    mask: object,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    loss_agg: str,
+    max_len: int | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Check the policy-loss arguments against the [B, T] tensor ``ref`` (named
+    ``ref_name``); return (old_logp, ref_logp or None when beta == 0, mask)."""
+    check_finite_number("eps_low", eps_low, minimum=0.0)
+    check_finite_number("eps_high", eps_high, minimum=0.0)
+    check_finite_number("beta", beta, minimum=0.0)
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
+    if loss_agg == "seq-mean-token-sum-norm":
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(
+                f"max_len must be a positive int with loss_agg={loss_agg!r}, got {max_len!r}"
+            )
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta != 0 (pass beta=0.0 to skip the KL term)")
+    ref_logp = ref_logp if beta != 0.0 else None
+    for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if value is not None:
+            check_tensor(name, value, ndim=2, dtypes=FLOAT_DTYPES)
+            check_same_shape(name, value, ref_name, ref)
+            check_same_device(name, value, ref_name, ref)
+    mask = check_tensor("mask", mask, ndim=2, dtypes=MASK_DTYPES)
+    check_same_shape("mask", mask, ref_name, ref)
+    check_same_device("mask", mask, ref_name, ref)
+    return old_logp, ref_logp, mask
+
+
+def check_advantages(advantages: object, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """One float advantage per row of ``ref``, on its device; returned detached, contiguous."""
+    advantages = check_tensor("advantages", advantages, ndim=1, dtypes=FLOAT_DTYPES)
+    if advantages.shape[0] != ref.shape[0]:
+        raise ValueError(
+            f"advantages must have one entry per sequence ({ref.shape[0]}), "
+            f"got {advantages.shape[0]}"
+        )
+    check_same_device("advantages", advantages, ref_name, ref)
+    return advantages.detach().contiguous()

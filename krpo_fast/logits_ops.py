@@ -24,10 +24,11 @@ import torch
 from krpo_fast._dispatch import use_triton
 from krpo_fast._validation import (
     FLOAT_DTYPES,
-    check_finite_number,
+    INT_DTYPES,
+    check_advantages,
+    check_loss_args,
     check_positive,
     check_same_device,
-    check_same_shape,
     check_tensor,
 )
 from krpo_fast.kernels.logits_loss import logits_loss_fwd
@@ -35,7 +36,7 @@ from krpo_fast.kernels.selective_log_softmax import (
     selective_log_softmax_bwd,
     selective_log_softmax_fwd,
 )
-from krpo_fast.ops import group_advantages
+from krpo_fast.ops import group_advantages, token_terms_torch
 
 __all__ = [
     "krpo_loss_from_hidden",
@@ -45,9 +46,6 @@ __all__ = [
     "selective_log_softmax",
 ]
 
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
-MASK_DTYPES = (torch.bool, *INT_DTYPES, *FLOAT_DTYPES)
 # The CPU torch path works on blocks of about this many logits (a 16 MB float32
 # temporary), so a huge bf16 batch is never upcast whole.
 _TORCH_BLOCK_ELEMENTS = 1 << 22
@@ -93,39 +91,25 @@ def _check_loss_args(
     beta: float,
     loss_agg: str,
     max_len: int | None,
+    advantages: torch.Tensor,
 ) -> None:
     if token_ids.dim() != 2:
         raise ValueError(
             f"token_ids must be [B, T] for a sequence loss, got shape {tuple(token_ids.shape)}"
         )
-    for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if value is not None:
-            check_tensor(name, value, dtypes=FLOAT_DTYPES)
-            check_same_shape(name, value, "token_ids", token_ids)
-            check_same_device(name, value, "token_ids", token_ids)
-    check_tensor("mask", mask, dtypes=MASK_DTYPES)
-    check_same_shape("mask", mask, "token_ids", token_ids)
-    check_same_device("mask", mask, "token_ids", token_ids)
-    check_finite_number("eps_low", eps_low, minimum=0.0)
-    check_finite_number("eps_high", eps_high, minimum=0.0)
-    check_finite_number("beta", beta, minimum=0.0)
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError("ref_logp is required when beta != 0 (pass beta=0.0 to drop the KL)")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    if loss_agg == "seq-mean-token-sum-norm":
-        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
-            raise ValueError(f"max_len must be an int > 0 for {loss_agg!r}, got {max_len!r}")
-
-
-def _check_advantages(advantages: torch.Tensor, token_ids: torch.Tensor) -> None:
-    check_tensor("advantages", advantages, ndim=1, dtypes=FLOAT_DTYPES)
-    check_same_device("advantages", advantages, "token_ids", token_ids)
-    if advantages.shape[0] != token_ids.shape[0]:
-        raise ValueError(
-            f"advantages must have one value per sequence ({token_ids.shape[0]}), "
-            f"got shape {tuple(advantages.shape)}"
-        )
+    check_loss_args(
+        "token_ids",
+        token_ids,
+        old_logp,
+        ref_logp,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+    )
+    check_advantages(advantages, "token_ids", token_ids)
 
 
 # ----------------------------------------------------------------------------- row layout
@@ -349,22 +333,22 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
     adv = setup.advantages[seq]
     m = setup.mask[tok]
     w = m * setup.seq_weight[seq]
-    ratio = torch.ones_like(logp) if setup.old is None else torch.exp(logp - setup.old[tok])
-    loss = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
-    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
-    dlogp = torch.where(clipped, 0.0, -adv * ratio)
     active = m != 0
+    loss, dlogp, kl, clipped = token_terms_torch(
+        logp,
+        None if setup.old is None else setup.old[tok],
+        None if setup.ref is None else setup.ref[tok],
+        adv,
+        eps_low,
+        eps_high,
+        beta,
+    )
     if setup.ref is not None:
-        d = setup.ref[tok] - logp
-        e = d.exp()
-        kl = e - d - 1.0
-        loss = loss + beta * kl
-        dlogp = dlogp + beta * (1.0 - e)
-        setup.kl_rows[tok] = torch.where(active, m * kl, 0.0)
-    setup.loss_rows[tok] = torch.where(active, w * loss, 0.0)
+        setup.kl_rows[tok] = torch.where(active, m * kl, 0.0).float()
+    setup.loss_rows[tok] = torch.where(active, w * loss, 0.0).float()
     setup.clip_rows[tok] = torch.where(active & clipped, m, 0.0)
     if grad2 is not None:
-        g = (torch.where(active, w * dlogp, 0.0) / temperature)[:, None]
+        g = (torch.where(active, w * dlogp, 0.0) / temperature).float()[:, None]
         dz = centred.sub_(log_s[:, None]).exp_().mul_(-g)
         dz.scatter_add_(1, ids, g)
         grad2.copy_(dz)
@@ -475,9 +459,17 @@ def policy_loss_from_logits(
     """
     _check_logits_and_ids_for_loss("logits", logits, token_ids, temperature)
     _check_loss_args(
-        token_ids, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len
+        token_ids,
+        old_logp,
+        ref_logp,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        advantages,
     )
-    _check_advantages(advantages, token_ids)
     setup = _LossSetup(token_ids, old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, kl, clip_fraction = _LossFromLogits.apply(
@@ -679,9 +671,17 @@ def policy_loss_from_hidden(
     check_positive("temperature", temperature)
     _check_ids_in_range(token_ids, lm_head_weight.shape[0])
     _check_loss_args(
-        token_ids, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len
+        token_ids,
+        old_logp,
+        ref_logp,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        advantages,
     )
-    _check_advantages(advantages, token_ids)
     setup = _LossSetup(token_ids, old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len)
     grad_on = torch.is_grad_enabled()
     loss, kl, clip_fraction = _LossFromHidden.apply(

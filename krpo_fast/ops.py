@@ -30,15 +30,8 @@ __all__ = [
 ]
 
 ADVANTAGE_MODES = ("kalman", "grpo", "dr_grpo", "batch_std")
-LOSS_AGGREGATIONS = (
-    "seq-mean-token-mean",
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
+LOSS_AGGREGATIONS = v.LOSS_AGGREGATIONS
 KALMAN_DEFAULTS = {"process_var": 1e-5, "meas_var": 1e-2, "init_mean": 0.0, "init_var": 1.0}
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-_MASK_DTYPES = (torch.bool, *_INT_DTYPES, *v.FLOAT_DTYPES)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -64,7 +57,7 @@ def _check_rewards(
         if n % group_size:
             raise ValueError(f"group_size {group_size} does not divide the number of rewards {n}")
         return rewards.contiguous(), group_size, None, group_size
-    offsets = v.check_tensor("group_offsets", group_offsets, ndim=1, dtypes=_INT_DTYPES)
+    offsets = v.check_tensor("group_offsets", group_offsets, ndim=1, dtypes=v.INT_DTYPES)
     v.check_same_device("group_offsets", offsets, "rewards", rewards)
     if offsets.numel() < 2:
         raise ValueError("group_offsets must hold at least 2 entries (n_groups + 1)")
@@ -113,44 +106,15 @@ def _check_loss_inputs(
     logp = v.check_tensor("logp", logp, ndim=2, dtypes=v.FLOAT_DTYPES)
     if logp.numel() == 0:
         raise ValueError(f"logp is empty (shape {tuple(logp.shape)}): need B >= 1 and T >= 1")
-    v.check_finite_number("eps_low", eps_low, minimum=0.0)
-    v.check_finite_number("eps_high", eps_high, minimum=0.0)
-    v.check_finite_number("beta", beta, minimum=0.0)
-    if loss_agg not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
-    if loss_agg == "seq-mean-token-sum-norm":
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(
-                f"max_len must be a positive int with loss_agg={loss_agg!r}, got {max_len!r}"
-            )
-    others = {"old_logp": old_logp, "ref_logp": ref_logp if beta != 0.0 else None}
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError("ref_logp is required when beta != 0 (pass beta=0.0 to skip the KL term)")
-    for name, value in others.items():
-        if value is not None:
-            v.check_tensor(name, value, ndim=2, dtypes=v.FLOAT_DTYPES)
-            v.check_same_shape(name, value, "logp", logp)
-            v.check_same_device(name, value, "logp", logp)
-    mask = v.check_tensor("mask", mask, ndim=2, dtypes=_MASK_DTYPES)
-    v.check_same_shape("mask", mask, "logp", logp)
-    v.check_same_device("mask", mask, "logp", logp)
+    old_logp, ref_logp, mask = v.check_loss_args(
+        "logp", logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len
+    )
     if check_finite:
         on = mask != 0
-        for name, value in {"logp": logp, **others}.items():
+        for name, value in (("logp", logp), ("old_logp", old_logp), ("ref_logp", ref_logp)):
             if value is not None and not bool(torch.isfinite(value.detach()[on]).all()):
                 raise ValueError(f"{name} holds NaN or inf at masked-in tokens")
-    return logp, old_logp, others["ref_logp"], mask
-
-
-def _check_advantages(advantages: object, logp: torch.Tensor) -> torch.Tensor:
-    advantages = v.check_tensor("advantages", advantages, ndim=1, dtypes=v.FLOAT_DTYPES)
-    if advantages.shape[0] != logp.shape[0]:
-        raise ValueError(
-            f"advantages must have one entry per sequence ({logp.shape[0]}), "
-            f"got {advantages.shape[0]}"
-        )
-    v.check_same_device("advantages", advantages, "logp", logp)
-    return advantages.detach().contiguous()
+    return logp, old_logp, ref_logp, mask
 
 
 def _aggregation_weights(loss_agg: str, n_rows: int, max_len: int | None) -> tuple[float, bool]:
@@ -258,6 +222,32 @@ def _group_advantages_torch(
     return (centred / (batch_std + eps)).float()
 
 
+def token_terms_torch(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (loss, d loss / d logp, k3 KL, clipped) in float64, the math of the
+    kernels' ``clipped_token_loss``; ``advantages`` broadcasts against ``logp``.
+    ``ref_logp`` None means no KL term."""
+    lp = logp.double()
+    adv = advantages.double()
+    ratio = (lp - old_logp.double()).exp() if old_logp is not None else torch.ones_like(lp)
+    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
+    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
+    grad = torch.where(clipped, 0.0, -adv * ratio)
+    if ref_logp is None:
+        return -surrogate, grad, torch.zeros_like(lp), clipped
+    log_ratio_ref = ref_logp.double() - lp
+    kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # float64: no cancellation to fear
+    return beta * kl - surrogate, grad - beta * torch.expm1(log_ratio_ref), kl, clipped
+
+
 def _policy_loss_torch(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
@@ -275,24 +265,11 @@ def _policy_loss_torch(
     Computes in float64: the k3 KL cancels to d^2 / 2 near d = 0, and CPU throughput
     is not where this path matters."""
     dtype = torch.float64
-    lp = logp.detach().to(dtype)
-    adv = advantages.to(dtype).unsqueeze(-1)
     m = mask.to(dtype)
     on = mask != 0
-    ratio = (lp - old_logp.to(dtype)).exp() if old_logp is not None else torch.ones_like(lp)
-    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
-    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
-    grad = torch.where(clipped, 0.0, -adv * ratio)
-    if beta != 0.0:
-        log_ratio_ref = ref_logp.to(dtype) - lp
-        ratio_ref = log_ratio_ref.exp()
-        kl = ratio_ref - log_ratio_ref - 1.0
-        loss = beta * kl - surrogate
-        grad = grad + beta * (1.0 - ratio_ref)
-    else:
-        kl = torch.zeros_like(lp)
-        loss = -surrogate
+    loss, grad, kl, clipped = token_terms_torch(
+        logp.detach(), old_logp, ref_logp, advantages.unsqueeze(-1), eps_low, eps_high, beta
+    )
     tokens = m.sum(-1)
     if per_row_mean:
         scale = torch.where(tokens > 0, row_weight / tokens.clamp(min=1), 0.0).unsqueeze(-1)
@@ -455,7 +432,7 @@ def policy_loss(
         max_len,
         check_finite,
     )
-    advantages = _check_advantages(advantages, logp)
+    advantages = v.check_advantages(advantages, "logp", logp)
     row_weight, per_row_mean = _aggregation_weights(loss_agg, logp.shape[0], max_len)
     old = None if old_logp is None else old_logp.detach()
     ref = None if ref_logp is None else ref_logp.detach()
