@@ -1,0 +1,230 @@
+"""Run configuration: dataclasses parsed from CLI flags and from a YAML file.
+
+The flags follow the conventions of transformers' ``HfArgumentParser``: one
+``--field value`` flag per dataclass field, help text from the field's metadata,
+booleans as ``--flag`` / ``--flag false`` (and ``--no_flag`` when the default is
+true), and ``--config run.yaml`` whose keys are field names. Flags given on the
+command line override the YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+ADV_MODES = ("kalman", "grpo", "dr_grpo", "batch_std")
+LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def _f(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model: str = _f("", "model directory (HF format); empty: the bundled tiny arithmetic model")
+    output_dir: str = _f("runs/krpo", "run directory: metrics, plots, checkpoints, summary")
+    dataset: str = _f(
+        "arithmetic", "'arithmetic' (generated task) or a JSONL file of question/answer rows"
+    )
+    eval_dataset: str = _f(
+        "", "held-out JSONL; empty: the generated test split, or the last eval_size rows of dataset"
+    )
+    train_size: int = _f(5000, "training rows generated for the arithmetic task")
+    eval_size: int = _f(200, "held-out rows used for accuracy before and after training")
+    system_prompt: str = _f(
+        "", "system prompt; empty: the model's own (krpo_fast.json) or the paper's <think>/<answer>"
+    )
+    reward: str = _f("graded", "'graded' (paper), 'exact_match', or 'module:function'")
+    # the RL loop
+    max_steps: int = _f(60, "generation rounds (each: sample, score, mu epochs of updates)")
+    prompts_per_step: int = _f(16, "prompts sampled per step")
+    group_size: int = _f(8, "completions per prompt (G)")
+    epochs_per_step: int = _f(1, "optimisation epochs per batch (mu); > 1 uses old log-probs")
+    micro_batch_size: int = _f(
+        4, "sequences per packed forward/backward (SDPA packing cost grows with its square)"
+    )
+    gradient_accumulation_steps: int = _f(
+        0, "micro-batches per optimizer step; 0: the whole batch (one step per epoch)"
+    )
+    learning_rate: float = _f(5e-4, "AdamW peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(5, "optimizer steps of linear warm-up, then constant")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables")
+    adv_mode: Literal["kalman", "grpo", "dr_grpo", "batch_std"] = _f(
+        "kalman", "advantage estimator: kalman (KRPO) or a GRPO baseline"
+    )
+    process_var: float = _f(1e-5, "Kalman process variance Q")
+    meas_var: float = _f(1e-2, "Kalman measurement variance R")
+    beta: float = _f(0.0, "KL weight; > 0 loads a frozen reference model")
+    eps_low: float = _f(0.2, "ratio clip below 1")
+    eps_high: float = _f(0.2, "ratio clip above 1")
+    loss_agg: Literal[
+        "seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = _f("seq-mean-token-mean", "loss aggregation over tokens and sequences")
+    # generation
+    temperature: float = _f(1.0, "sampling temperature (also applied to the training log-probs)")
+    top_p: float = _f(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = _f(48, "completion length limit")
+    generation_backend: Literal["auto", "vllm", "hf"] = _f(
+        "auto", "auto: HF generate on CPU, vLLM on CUDA when installed (bench/results/cpu)"
+    )
+    vllm_kv_cache_bytes: int = _f(256 << 20, "vLLM KV-cache size in bytes")
+    eval_batch_size: int = _f(64, "prompts per greedy evaluation batch")
+    # system
+    seed: int = _f(0, "seed of data, sampling and initialisation")
+    device: str = _f("auto", "auto, cpu or cuda")
+    bf16: bool = _f(True, "bf16 autocast for the policy forward on CUDA (CPU is always fp32)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    torch_threads: int = _f(1, "CPU threads for torch; 0 keeps torch's default")
+    save_steps: int = _f(0, "checkpoint every N steps (the final one is always saved); 0: final")
+    save_total_limit: int = _f(2, "checkpoints kept (oldest deleted first); 0 keeps all")
+    resume: str = _f(
+        "",
+        "continue from a checkpoint: --resume (latest in output_dir) or --resume PATH",
+        nargs="?",
+        const="latest",
+    )
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        positive = (
+            "max_steps",
+            "prompts_per_step",
+            "group_size",
+            "epochs_per_step",
+            "max_new_tokens",
+            "eval_batch_size",
+            "train_size",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in (
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "eval_size",
+            "save_steps",
+            "save_total_limit",
+            "warmup_steps",
+            "torch_threads",
+            "beta",
+            "max_grad_norm",
+            "weight_decay",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.temperature <= 0:
+            raise ValueError("--learning_rate and --temperature must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.adv_mode == "grpo" and self.group_size < 2:
+            raise ValueError("--adv_mode grpo needs --group_size >= 2")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class EvalConfig:
+    model: str = _f("", "model directory (HF format, e.g. a checkpoint); empty: the bundled model")
+    dataset: str = _f("arithmetic", "'arithmetic' (the generated test split) or a JSONL file")
+    eval_size: int = _f(200, "rows evaluated (the first N)")
+    system_prompt: str = _f("", "system prompt; empty: the model's own or the paper's")
+    max_new_tokens: int = _f(48, "completion length limit")
+    generation_backend: Literal["auto", "vllm", "hf"] = _f("auto", "auto, vllm or hf")
+    vllm_kv_cache_bytes: int = _f(256 << 20, "vLLM KV-cache size in bytes")
+    eval_batch_size: int = _f(64, "prompts per batch")
+    seed: int = _f(0, "seed of the generated arithmetic split (must match training's)")
+    device: str = _f("auto", "auto, cpu or cuda")
+    torch_threads: int = _f(1, "CPU threads for torch; 0 keeps torch's default")
+
+    def validate(self) -> None:
+        if self.eval_size <= 0 or self.max_new_tokens <= 0 or self.eval_batch_size <= 0:
+            raise ValueError("--eval_size, --max_new_tokens and --eval_batch_size must be > 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def _to_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("true", "yes", "1", "t", "y"):
+        return True
+    if low in ("false", "no", "0", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per field of dataclass ``cls``, plus ``--config FILE.yaml``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file of flag values (field: value)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kwargs = dict(f.metadata)
+        hint = hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            kwargs.update(choices=typing.get_args(hint), type=str)
+        elif hint is bool:
+            kwargs.update(type=_to_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs.setdefault("type", hint)
+        parser.add_argument(f"--{f.name}", default=f.default, **kwargs)
+        if hint is bool and f.default:
+            parser.add_argument(
+                f"--no_{f.name}", dest=f.name, action="store_false", help=f"set {f.name} to false"
+            )
+    return parser
+
+
+def parse_config(cls: type, argv: list[str], prog: str, description: str) -> Any:
+    """Parse ``argv`` (and ``--config`` YAML) into a validated ``cls`` instance.
+
+    Unknown flags exit through argparse (one line, status 2); bad YAML or values
+    raise ValueError.
+    """
+    parser = build_parser(cls, prog, description)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_load_yaml(cls, pre.config, parser))
+    args = parser.parse_args(argv)
+    cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    cfg.validate()
+    return cfg
+
+
+def _load_yaml(cls: type, path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of field: value")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+    actions = {a.dest: a for a in parser._actions}
+    values = {}
+    for key, value in data.items():
+        action = actions[key]
+        try:
+            converted = action.type(value) if action.type and value is not None else value
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f"--config {path}: {key}: bad value {value!r}") from None
+        if action.choices and converted not in action.choices:
+            raise ValueError(f"--config {path}: {key} must be one of {list(action.choices)}")
+        values[key] = converted
+    return values

@@ -1,0 +1,106 @@
+"""The policy: model loading, padding-free packed forwards, completion log-probs.
+
+A micro-batch of (prompt, completion) sequences is packed into one row with
+``position_ids`` restarting at 0 for every sequence and no attention mask. With
+FlashAttention-2 transformers turns the restarts into varlen boundaries; with SDPA
+(CPU) it detects them too, but only when ``attention_mask is None`` and
+``use_cache=False`` (otherwise attention leaks across sequences; FACTS.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from krpo_fast.logits_ops import selective_log_softmax
+
+
+def attn_implementation(device: torch.device) -> str:
+    """FlashAttention-2 on a GPU when flash-attn is installed, SDPA otherwise."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_policy(
+    path: str | Path,
+    device: torch.device,
+    trainable: bool = True,
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """Load a causal LM in float32 (bf16 comes from autocast); frozen unless ``trainable``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation=attn_implementation(device)
+    ).to(device)
+    if gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.requires_grad_(trainable)
+    model.train(trainable)
+    return model
+
+
+@dataclass
+class PackedBatch:
+    """Sequences packed into one row, plus where each completion token's logit lives."""
+
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N], restarting at 0 per sequence
+    logit_index: torch.Tensor  # [b, T] position in the row whose output predicts token t
+    targets: torch.Tensor  # [b, T] completion token ids (0 at padding)
+    mask: torch.Tensor  # [b, T] float, 1 at completion tokens
+    n_tokens: int
+
+
+def pack(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], device: torch.device
+) -> PackedBatch:
+    """Pack prompt+completion sequences padding-free; completions are right-padded to T."""
+    width = max(map(len, completion_ids))
+    b = len(completion_ids)
+    logit_index = torch.zeros((b, width), dtype=torch.long)
+    targets = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.zeros((b, width))
+    ids, pos, start = [], [], 0
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        seq = p + c
+        ids.extend(seq)
+        pos.extend(range(len(seq)))
+        # The output at position j predicts token j + 1: completion token t sits at
+        # len(p) + t, so its logit is at start + len(p) + t - 1.
+        logit_index[i, : len(c)] = torch.arange(len(c)) + start + len(p) - 1
+        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, : len(c)] = 1.0
+        start += len(seq)
+    return PackedBatch(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=torch.tensor([pos], device=device),
+        logit_index=logit_index.to(device),
+        targets=targets.to(device),
+        mask=mask.to(device),
+        n_tokens=start,
+    )
+
+
+def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Last hidden states [b, T, H] at the positions that predict the completion tokens.
+
+    Only these rows reach the LM head, so the prompt tokens cost no logits.
+    """
+    out = model.get_decoder()(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+    )
+    return out.last_hidden_state[0][batch.logit_index]
+
+
+def completion_logprobs(
+    model: torch.nn.Module, batch: PackedBatch, temperature: float
+) -> torch.Tensor:
+    """Float32 [b, T] log-probs of the completion tokens at ``temperature`` (0 at padding)."""
+    hidden = completion_hidden(model, batch)
+    logits = model.get_output_embeddings()(hidden)
+    return selective_log_softmax(logits, batch.targets, temperature) * batch.mask

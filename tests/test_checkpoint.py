@@ -1,0 +1,69 @@
+"""Atomic checkpoints: layout, pruning, resume resolution, RNG round trip."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from krpo_fast.checkpoint import (
+    list_checkpoints,
+    load_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
+
+
+def _parts():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[0, 1, 2]])).logits.sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return model, tok, opt, sched
+
+
+def test_save_prune_and_resume(tmp_path):
+    model, tok, opt, sched = _parts()
+    (tmp_path / "checkpoint-9.tmp").mkdir()  # a half-written one from a killed run
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"accuracy_before": 0.1}, [], 2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert (tmp_path / "checkpoint-3" / "model.safetensors").is_file()
+    assert not (tmp_path / "checkpoint-3.tmp").exists()
+    assert resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-3"
+    assert resolve_resume("", tmp_path) is None
+
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    save_checkpoint(tmp_path, 3, model, tok, opt, sched, {}, [], 0)  # re-save replaces
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
+    state = load_trainer_state(tmp_path / "checkpoint-3", opt2, sched2)
+    assert state["step"] == 3
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+    exp_avg = opt.state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], exp_avg)
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        resolve_resume("latest", tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        resolve_resume(str(tmp_path), tmp_path)
