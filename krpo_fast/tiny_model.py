@@ -1,0 +1,351 @@
+"""The bundled tiny model: a character-level Llama SFT-pretrained on the arithmetic task.
+
+``python -m krpo_fast.tiny_model --output krpo_fast/assets/tiny_llama`` rebuilds it from a
+fixed seed: it builds the tokenizer and a small ``LlamaForCausalLM``, trains it with
+supervised fine-tuning on :data:`krpo_fast.data.DEFAULT_TASK` (loss on completion tokens
+only), and stops as soon as held-out greedy accuracy reaches a target that leaves room for
+RL to improve it. The folder it writes loads offline with ``AutoTokenizer`` and
+``AutoModelForCausalLM``; its ``krpo_fast.json`` holds the system prompt the model was
+trained with (the trainer's default for it) and the training recipe and results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import shlex
+import string
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from krpo_fast.data import DEFAULT_TASK, ArithmeticTask, format_prompt, make_arithmetic_splits
+
+# Short on purpose: a character-level model pays one token per character, and the paper's
+# ~370-character prompt would make every RL step several times slower.
+TINY_SYSTEM_PROMPT = "Think in <think> </think>, then answer in <answer> </answer>."
+
+PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+CONFIG_NAME = "krpo_fast.json"
+
+# One line per message; the template emits BOS itself (the tokenizer adds no special tokens),
+# and ends assistant turns with EOS so generation learns to stop.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'Q:' + message['content'] + '\n' }}"
+    "{% else %}{{ 'A:' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
+)
+
+
+def bundled_model_path() -> Path:
+    """Folder of the bundled tiny model (tokenizer, config, safetensors, krpo_fast.json)."""
+    return Path(__file__).resolve().parent / "assets" / "tiny_llama"
+
+
+def load_model_defaults(path: str | Path) -> dict[str, Any]:
+    """The ``krpo_fast.json`` of a model folder (system prompt, recipe), or ``{}`` if absent."""
+    config = Path(path) / CONFIG_NAME
+    if not config.is_file():
+        return {}
+    return json.loads(config.read_text(encoding="utf-8"))
+
+
+def build_tokenizer() -> Any:
+    """A character-level fast tokenizer over printable ASCII plus newline and tab.
+
+    Every other character becomes ``<|unk|>``. Decoding concatenates characters (no
+    spaces between tokens), and tokenization-space clean-up is off, so decode(encode(s))
+    gives back any ASCII string ``s``.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, UNK]
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))  # printable ASCII, \n, \t
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    # BPE without merges splits text into characters and maps unknown ones to UNK.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        padding_side="left",  # generation pads on the left
+        model_max_length=1024,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(tokenizer: Any, seed: int) -> Any:
+    """A freshly initialised small ``LlamaForCausalLM`` (about 0.6M parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def completion_text(row: dict[str, Any]) -> str:
+    """The SFT target for a row: the expression worked out in the think, then the answer."""
+    return f"<think>{row['question']}={row['answer']}</think><answer>{row['answer']}</answer>"
+
+
+def _sft_batch(
+    tokenizer: Any, rows: list[dict[str, Any]], system_prompt: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels (-100 outside the completion)."""
+    sequences, n_prompt = [], []
+    for row in rows:
+        prompt = tokenizer.encode(format_prompt(tokenizer, row["question"], system_prompt))
+        completion = tokenizer.encode(completion_text(row)) + [tokenizer.eos_token_id]
+        sequences.append(prompt + completion)
+        n_prompt.append(len(prompt))
+    length = max(map(len, sequences))
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100)
+    for i, (seq, n) in enumerate(zip(sequences, n_prompt, strict=True)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, n : len(seq)] = ids[i, n : len(seq)]
+    return ids, mask, labels
+
+
+@torch.no_grad()
+def generate_completions(
+    model: Any,
+    tokenizer: Any,
+    questions: list[str],
+    system_prompt: str,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 48,
+    batch_size: int = 256,
+) -> list[list[str]]:
+    """``num_samples`` decoded completions per question; greedy when ``temperature`` is 0."""
+    prompts = [format_prompt(tokenizer, q, system_prompt) for q in questions]
+    flat = [p for p in prompts for _ in range(num_samples)]
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    texts: list[str] = []
+    for start in range(0, len(flat), batch_size):
+        enc = tokenizer(
+            flat[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        )
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **(sampling if temperature > 0 else {"do_sample": False}),
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return [texts[i : i + num_samples] for i in range(0, len(texts), num_samples)]
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    system_prompt: str,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+) -> dict[str, float]:
+    """Accuracy (first sample), pass@num_samples and the well-formed-tags rate on ``rows``.
+
+    A completion is correct when its stripped ``<answer>`` content equals the answer.
+    """
+    from krpo_fast.rewards import exact_match_reward, graded_reward
+
+    was_training = model.training
+    model.eval()
+    samples = generate_completions(
+        model, tokenizer, [r["question"] for r in rows], system_prompt, num_samples, temperature
+    )
+    model.train(was_training)
+    first, any_correct, formed, total = 0.0, 0.0, 0.0, 0
+    for row, completions in zip(rows, samples, strict=True):
+        answers = [row["answer"]] * len(completions)
+        correct = exact_match_reward([], completions, answers)
+        first += correct[0]
+        any_correct += max(correct)
+        formed += sum(r > 0 for r in graded_reward([], completions, answers))
+        total += len(completions)
+    n = len(rows)
+    return {
+        "accuracy": first / n,
+        f"pass@{num_samples}": any_correct / n,
+        "well_formed": formed / total,
+    }
+
+
+@dataclasses.dataclass
+class Recipe:
+    """SFT settings; the defaults are the ones the bundled model was built with."""
+
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    max_steps: int = 3000
+    eval_every: int = 25
+    n_eval: int = 200
+    target_accuracy: float = 0.25
+    task: ArithmeticTask = DEFAULT_TASK
+    system_prompt: str = TINY_SYSTEM_PROMPT
+
+
+def pretrain(recipe: Recipe, output: Path, command: str = "") -> dict[str, Any]:
+    """Build, SFT-train and save the tiny model into ``output``; returns the results."""
+    started = time.perf_counter()
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, recipe.seed)
+    _, test_rows = make_arithmetic_splits(0, recipe.n_eval, recipe.seed, recipe.task)
+    rng = random.Random(recipe.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    # Linear warm-up, then linear decay to a tenth: a constant rate left loss spikes late on.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(
+            (s + 1) / recipe.warmup_steps,
+            1.0 - 0.9 * (s - recipe.warmup_steps) / max(1, recipe.max_steps - recipe.warmup_steps),
+        ),
+    )
+    test_questions = {r["question"] for r in test_rows}
+    model.train()
+    step, greedy = 0, {}
+    while step < recipe.max_steps:
+        rows: list[dict[str, Any]] = []
+        while len(rows) < recipe.batch_size:
+            row = recipe.task.sample(rng)
+            if row["question"] not in test_questions:
+                rows.append(row)
+        ids, mask, labels = _sft_batch(tokenizer, rows, recipe.system_prompt)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % recipe.eval_every == 0:
+            greedy = evaluate(model, tokenizer, test_rows, recipe.system_prompt)
+            elapsed = time.perf_counter() - started
+            print(
+                f"step {step} loss {loss.item():.4f} greedy accuracy {greedy['accuracy']:.3f} "
+                f"well-formed {greedy['well_formed']:.3f} ({elapsed:.0f} s)",
+                flush=True,
+            )
+            if greedy["accuracy"] >= recipe.target_accuracy:
+                break
+    torch.manual_seed(recipe.seed)  # generate() samples from torch's global RNG
+    sampled = evaluate(model, tokenizer, test_rows, recipe.system_prompt, 8, 1.0)
+    results = {
+        "steps": step,
+        "greedy_accuracy": greedy.get("accuracy"),
+        "greedy_well_formed": greedy.get("well_formed"),
+        "sampled_accuracy_t1": sampled["accuracy"],
+        "pass@8_t1": sampled["pass@8"],
+        "sampled_well_formed_t1": sampled["well_formed"],
+        "n_eval": recipe.n_eval,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    save(model, tokenizer, output, recipe, results, command)
+    return results
+
+
+def save(
+    model: Any,
+    tokenizer: Any,
+    output: Path,
+    recipe: Recipe,
+    results: dict[str, Any],
+    command: str = "",
+) -> None:
+    """Write the model (safetensors), tokenizer, generation config and krpo_fast.json."""
+    from transformers import GenerationConfig
+
+    output.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=48,
+    )
+    model.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    # transformers 5 writes its own class name; the 4.x name loads on both major versions.
+    tokenizer_config = output / "tokenizer_config.json"
+    config = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    recipe_dict = dataclasses.asdict(recipe)
+    del recipe_dict["system_prompt"]
+    meta = {
+        "system_prompt": recipe.system_prompt,
+        "completion_format": "<think>{question}={answer}</think><answer>{answer}</answer>",
+        "recipe": recipe_dict,
+        "results": results,
+        "command": command,
+        "versions": {"torch": torch.__version__},
+    }
+    (output / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: rebuild the bundled model."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=bundled_model_path())
+    parser.add_argument("--seed", type=int, default=Recipe.seed)
+    parser.add_argument("--max-steps", type=int, default=Recipe.max_steps)
+    parser.add_argument("--target-accuracy", type=float, default=Recipe.target_accuracy)
+    parser.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    parser.add_argument("--lr", type=float, default=Recipe.lr)
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "krpo_fast.tiny_model", *sys.argv[1:]])
+    print("command:", command, flush=True)
+    # One thread: the machines are 2 shared cores, and two threads under contention crawl.
+    torch.set_num_threads(1)
+    recipe = Recipe(
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_steps=args.max_steps,
+        target_accuracy=args.target_accuracy,
+    )
+    results = pretrain(recipe, args.output, command)
+    print("result:", json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

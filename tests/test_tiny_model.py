@@ -1,0 +1,79 @@
+"""Tests for the bundled tiny model and its character-level tokenizer."""
+
+import string
+
+import pytest
+import torch
+
+from krpo_fast.data import format_prompt
+from krpo_fast.rewards import graded_reward
+from krpo_fast.tiny_model import (
+    TINY_SYSTEM_PROMPT,
+    build_tokenizer,
+    bundled_model_path,
+    load_model_defaults,
+)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """Tokenizer and model loaded from the package folder with the Hub offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        tokenizer = AutoTokenizer.from_pretrained(bundled_model_path())
+        model = AutoModelForCausalLM.from_pretrained(bundled_model_path())
+    return tokenizer, model.eval()
+
+
+ASCII_TEXT = string.printable.replace("\r", "").replace("\x0b", "").replace("\x0c", "")
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_tokenizer_round_trips_ascii(saved, bundled):
+    tokenizer = bundled[0] if saved else build_tokenizer()
+    for text in [ASCII_TEXT, "a  b\n\n\tc .,!? 's", "<think> 1 + 2 </think>\n<answer> 3 </answer>"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == len(text)  # one token per character
+        assert tokenizer.decode(ids) == text
+
+
+def test_tokenizer_maps_non_ascii_to_unk():
+    tokenizer = build_tokenizer()
+    ids = tokenizer.encode("é1€\r", add_special_tokens=False)
+    unk = tokenizer.unk_token_id
+    assert ids == [unk, tokenizer.convert_tokens_to_ids("1"), unk, unk]
+    assert len(tokenizer) == 4 + 97
+
+
+def test_chat_template_renders_prompt():
+    tokenizer = build_tokenizer()
+    prompt = format_prompt(tokenizer, "12+7", TINY_SYSTEM_PROMPT)
+    assert prompt == f"{tokenizer.bos_token}{TINY_SYSTEM_PROMPT}\nQ:12+7\nA:"
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_bundled_folder_is_small_and_describes_itself():
+    path = bundled_model_path()
+    assert (path / "tokenizer.json").is_file()
+    assert (path / "model.safetensors").stat().st_size < 10 * 2**20
+    defaults = load_model_defaults(path)
+    assert defaults["system_prompt"] == TINY_SYSTEM_PROMPT
+    assert defaults["recipe"]["task"]["operators"]
+    assert load_model_defaults(path / "missing") == {}
+
+
+def test_bundled_model_completes_with_well_formed_tags(bundled):
+    tokenizer, model = bundled
+    assert model.config.vocab_size == len(tokenizer)
+    prompt = format_prompt(tokenizer, "3+4", TINY_SYSTEM_PROMPT)
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=64)
+    new = out[0, enc["input_ids"].shape[1] :].tolist()
+    assert tokenizer.eos_token_id in new
+    completion = tokenizer.decode(new, skip_special_tokens=True)
+    assert completion.startswith("<think>")
+    assert graded_reward([prompt], [completion], ["7"])[0] > 0  # has an <answer> tag
