@@ -10,7 +10,8 @@ process:
 - ``krpo-fast``: the public op (compiled Triton on CUDA; on CPU its vectorised torch
   path: the Triton interpreter is never timed, ``TRITON_INTERPRET=0`` is forced);
 - ``liger``: Liger-Kernel's ``triton_grpo_loss`` / ``LigerFusedLinearGRPOLoss`` with
-  their defaults set to ours (CUDA only: on CPU its Triton kernel needs the interpreter).
+  their defaults set to ours (``triton_grpo_loss`` on CUDA only: on CPU its Triton
+  kernel needs the interpreter; the fused-linear loss is torch and runs anywhere).
 
 On CUDA, times are device-event medians (``triton.testing.do_bench``) over rotating
 input sets, peak memory comes from the CUDA allocator and kernel launches are
@@ -407,8 +408,9 @@ def _header(cuda: bool, load_before: str, load_after: str, command: str, skips: 
             "**CPU-only machine: these are the CPU paths.** krpo-fast runs its vectorised "
             "torch code (TRITON_INTERPRET=0 is forced: Triton interpreter timings are "
             "never reported), against the paper's eager loops, the vectorised eager "
-            "torch (krpo_fast.eager) and torch.compile of it. Liger-Kernel is skipped: "
-            "its Triton kernels run on CPU only in the interpreter. Floors, launches and "
+            "torch (krpo_fast.eager) and torch.compile of it. Liger-Kernel's triton_grpo_loss "
+            "is skipped (its Triton kernel runs on CPU only in the interpreter); its "
+            "LigerFusedLinearGRPOLoss is plain torch and is timed. Floors, launches and "
             "peak memory are GPU-only. CPU timings say nothing about a GPU; read the "
             "ratios, measured side by side in one process.",
             "",
