@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in ("train", "eval"):
         print(USAGE + f"krpo-fast: error: unknown command {command!r}", file=sys.stderr)
         return 2
+    from transformers.utils import logging as hf_logging
+
     from krpo_fast.trainer import evaluate, train
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars; ours is the step bar
 
     try:
         if command == "train":

@@ -1,5 +1,8 @@
 """The command line: help, config parsing (flags and YAML), one-line errors on bad input."""
 
+import json
+import re
+
 import pytest
 
 from krpo_fast.cli import main
@@ -59,8 +62,9 @@ def test_bad_yaml(tmp_path, text, message):
 
 def _one_line_error(capsys, argv):
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
+    # The error is the last line on stderr (progress bars may precede it).
+    err = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]
+    assert err.startswith("error: "), err
     return err
 
 
@@ -124,3 +128,10 @@ def test_broken_reward_function(capsys, tmp_path, monkeypatch):
     assert "returned 1 values for 4 completions" in err
     err = _one_line_error(capsys, ["train", "--reward", "no_such_module:f"])
     assert "cannot import" in err
+
+
+def test_eval_command(capsys):
+    args = ["eval", "--eval_size", "4", "--max_new_tokens", "8", "--generation_backend", "hf"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 4 and 0 <= result["accuracy"] <= 1
