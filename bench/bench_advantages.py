@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from krpo_fast import group_advantages
-from krpo_fast.bench import compiled, device, impls, rotation, run_case, shape_id, sizes
+from krpo_fast.bench import compiled, device, generator, impls, rotation, run_case, shape_id, sizes
 from krpo_fast.eager import group_advantages_eager
 from krpo_fast.ops import ADVANTAGE_MODES
 from krpo_fast.reference import group_advantages_reference
@@ -25,9 +25,10 @@ def test_advantages(benchmark, impl: str, mode: str, shape: tuple[int, int]) -> 
     """0/1 rewards of n_groups x G samples in rollout order."""
     n_groups, group_size = shape
     n = n_groups * group_size
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     inputs = [
-        (torch.rand(n, generator=gen) > 0.5).float().to(device()) for _ in range(rotation(8 * n))
+        (torch.rand(n, generator=gen, device=device()) > 0.5).float()
+        for _ in range(rotation(8 * n))
     ]
     fn = IMPLEMENTATIONS[impl]
     run_case(

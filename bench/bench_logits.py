@@ -17,6 +17,7 @@ from krpo_fast.bench import (
     device,
     dtype_id,
     dtypes,
+    generator,
     impls,
     rotation,
     run_case,
@@ -58,13 +59,13 @@ def _loss_inputs(B: int, T: int, gen: torch.Generator) -> tuple:
     """(token ids, old, ref, advantages, mask) on the device; log-probs of a near-uniform
     policy so the ratios stay near 1."""
     dev = device()
-    ids = torch.randint(0, 32_000, (B, T), generator=gen)
-    base = torch.full((B, T), -10.0)
-    old = base + 0.05 * torch.randn(B, T, generator=gen)
-    ref = base + 0.05 * torch.randn(B, T, generator=gen)
-    advantages = torch.randn(B, generator=gen)
-    mask = torch.rand(B, T, generator=gen) > 0.1
-    return tuple(t.to(dev) for t in (ids, old, ref, advantages, mask))
+    ids = torch.randint(0, 32_000, (B, T), generator=gen, device=dev)
+    base = torch.full((B, T), -10.0, device=dev)
+    old = base + 0.05 * torch.randn(B, T, generator=gen, device=dev)
+    ref = base + 0.05 * torch.randn(B, T, generator=gen, device=dev)
+    advantages = torch.randn(B, generator=gen, device=dev)
+    mask = torch.rand(B, T, generator=gen, device=dev) > 0.1
+    return ids, old, ref, advantages, mask
 
 
 def _call(mode: str, loss: callable, leaves: tuple) -> object:
@@ -98,11 +99,13 @@ def test_selective_log_softmax(benchmark, impl, mode, dtype, shape) -> None:
     # gradient read and the logits gradient written once.
     floor = n * V * _elem(dtype) + 12 * n
     floor += n * V * _elem(dtype) + 4 * n if mode == "fwd+bwd" else 0
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     inputs = []
     for _ in range(rotation(floor)):
-        logits = (torch.randn(B, T, V, generator=gen) * 2).to(device(), dtype).requires_grad_()
-        inputs.append((logits, torch.randint(0, V, (B, T), generator=gen).to(device())))
+        logits = (
+            (torch.randn(B, T, V, generator=gen, device=device()) * 2).to(dtype).requires_grad_()
+        )
+        inputs.append((logits, torch.randint(0, V, (B, T), generator=gen, device=device())))
     fn = SLS[impl]
     run_case(
         benchmark,
@@ -169,10 +172,10 @@ def test_loss_from_logits(benchmark, impl, mode, dtype, shape) -> None:
     # Logits read once; ids, old, ref and mask read; the logits gradient written once.
     floor = n * V * _elem(dtype) + 17 * n + 4 * B
     floor += n * V * _elem(dtype) if mode == "fwd+bwd" else 0
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     inputs = []
     for _ in range(rotation(floor)):
-        full = (torch.randn(B, T + 1, V, generator=gen) * 2).to(device(), dtype)
+        full = (torch.randn(B, T + 1, V, generator=gen, device=device()) * 2).to(dtype)
         inputs.append((full.requires_grad_(), *_loss_inputs(B, T, gen)))
     fn = FROM_LOGITS[impl]
 
@@ -242,11 +245,13 @@ def test_lm_head(benchmark, impl, mode, dtype, shape) -> None:
     n, e = B * T, _elem(dtype)
     passes = 3 if mode == "fwd+bwd" else 1
     floor = passes * (n * H + V * H) * e + 17 * n + 4 * B
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     inputs = []
     for _ in range(rotation(floor)):
-        hidden = torch.randn(B, T, H, generator=gen).to(device(), dtype).requires_grad_()
-        weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device(), dtype).requires_grad_()
+        hidden = torch.randn(B, T, H, generator=gen, device=device()).to(dtype).requires_grad_()
+        weight = (
+            (torch.randn(V, H, generator=gen, device=device()) / H**0.5).to(dtype).requires_grad_()
+        )
         inputs.append((hidden, weight, *_loss_inputs(B, T, gen)))
     fn = FROM_HIDDEN[impl]
     run_case(

@@ -11,6 +11,7 @@ from krpo_fast.bench import (
     device,
     dtype_id,
     dtypes,
+    generator,
     impls,
     rotation,
     run_case,
@@ -46,23 +47,14 @@ KRPO = {
 def _inputs(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> tuple:
     """(logp leaf, old, ref, advantages, rewards, mask) with realistic log-probs."""
     B, T = shape
-    gen = torch.Generator().manual_seed(seed)
-    logp = -torch.rand(B, T, generator=gen) * 3
-    old = logp + 0.05 * torch.randn(B, T, generator=gen)
-    ref = logp + 0.05 * torch.randn(B, T, generator=gen)
-    advantages = torch.randn(B, generator=gen)
-    rewards = (torch.rand(B, generator=gen) > 0.5).float()
-    mask = torch.rand(B, T, generator=gen) > 0.1
-    dev = device()
-    logp = logp.to(dev, dtype).requires_grad_()
-    return (
-        logp,
-        old.to(dev, dtype),
-        ref.to(dev, dtype),
-        advantages.to(dev),
-        rewards.to(dev),
-        mask.to(dev),
-    )
+    gen, dev = generator(seed), device()
+    logp = -torch.rand(B, T, generator=gen, device=dev) * 3
+    old = logp + 0.05 * torch.randn(B, T, generator=gen, device=dev)
+    ref = logp + 0.05 * torch.randn(B, T, generator=gen, device=dev)
+    advantages = torch.randn(B, generator=gen, device=dev)
+    rewards = (torch.rand(B, generator=gen, device=dev) > 0.5).float()
+    mask = torch.rand(B, T, generator=gen, device=dev) > 0.1
+    return logp.to(dtype).requires_grad_(), old.to(dtype), ref.to(dtype), advantages, rewards, mask
 
 
 def _bench(benchmark, op, table, impl, mode, shape, dtype, per_seq) -> None:

@@ -134,8 +134,24 @@ def device_name() -> str:
 
 @cache
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile(fn)``, one wrapper per function so its graphs are reused."""
-    return torch.compile(fn)
+    """``torch.compile(fn)``, one wrapper per function so its graphs are reused.
+
+    The sweep needs a graph per shape, dtype and grad mode: the recompile limit is
+    raised, and hitting it fails instead of silently timing eager code. On CUDA every
+    shape gets its own static graph (the fastest kernels); on CPU shapes go dynamic
+    after the first recompile (static graphs for every size take minutes to build)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 8192
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(fn, dynamic=False if torch.cuda.is_available() else None)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the benchmark device (inputs are made where they are used:
+    gigabytes of logits drawn on the host and copied would dominate the run)."""
+    return torch.Generator(device()).manual_seed(seed)
 
 
 @cache
@@ -289,6 +305,18 @@ def load_rows(json_path: Path) -> list[dict]:
     """The rows the bench files recorded, from pytest-benchmark's JSON."""
     data = json.loads(json_path.read_text())
     return [b["extra_info"] for b in data["benchmarks"] if "time_s" in b["extra_info"]]
+
+
+def latest_rows(out: Path) -> list[dict]:
+    """Every op's rows from the newest ``benchmark*.json`` in ``out`` that has them, so
+    runs of a few ops at a time (e.g. within a per-command time limit) add up."""
+    by_op: dict[str, list[dict]] = {}
+    for path in sorted(out.glob("benchmark*.json"), key=lambda p: p.stat().st_mtime):
+        fresh: dict[str, list[dict]] = {}
+        for row in load_rows(path):
+            fresh.setdefault(row["op"], []).append(row)
+        by_op.update(fresh)
+    return [row for op in OPS for row in by_op.get(op, [])]
 
 
 def _groups(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -458,7 +486,8 @@ def run(
         raise FileNotFoundError(f"{BENCH_DIR} not found: run from a krpo-fast checkout")
     out = Path(out) if out is not None else BENCH_DIR / "results" / device_name()
     out.mkdir(parents=True, exist_ok=True)
-    json_path, skips_path = out / "benchmark.json", out / "skipped.jsonl"
+    suffix = "" if set(ops) == set(OPS) else "-" + "-".join(o for o in OPS if o in ops)
+    json_path, skips_path = out / f"benchmark{suffix}.json", out / "skipped.jsonl"
     skips_path.unlink(missing_ok=True)
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
     env.update({ENV_QUICK: "1" if quick else "0", ENV_SKIPS: str(skips_path)})
@@ -473,7 +502,7 @@ def run(
     if status != 0 or not json_path.exists():
         raise RuntimeError(f"benchmark run failed (pytest exit status {status}): {' '.join(cmd)}")
     load_after = _loadavg()
-    rows = load_rows(json_path)
+    rows = latest_rows(out)
     skips: dict[str, int] = {}
     if skips_path.exists():
         for line in skips_path.read_text().splitlines():
