@@ -76,9 +76,13 @@ DEFAULT_TASK = ArithmeticTask()
 """The bundled tiny model's task: two terms of one or two digits, ``+`` and ``-``."""
 
 
-def _is_test_question(question: str, seed: int, test_fraction: float) -> bool:
-    """Assign a question to the test split by a seeded hash, so the split never overlaps."""
-    digest = hashlib.sha256(f"{seed}:{question}".encode()).digest()
+def is_test_question(question: str, test_fraction: float = 0.2) -> bool:
+    """Whether ``question`` belongs to the test split: a hash of its text, no seed involved.
+
+    The split is the same for every seed, so a model SFT-trained on train questions (the
+    bundled one is) never saw any test question, whatever seed later runs use.
+    """
+    digest = hashlib.sha256(question.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
 
 
@@ -91,9 +95,9 @@ def make_arithmetic_splits(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Generate disjoint train and test rows for ``task``, deterministically from ``seed``.
 
-    A question belongs to the test split when a seeded hash of its text falls under
-    ``test_fraction``, so the same question can never appear in both splits, and the
-    split of a question does not depend on ``n_train`` or ``n_test``. Test questions are
+    A question belongs to the test split when a hash of its text falls under
+    ``test_fraction`` (:func:`is_test_question`), so the same question can never appear
+    in both splits, whatever the seeds, ``n_train`` or ``n_test``. Test questions are
     unique; train questions may repeat (small tasks have few distinct questions).
 
     Raises:
@@ -108,7 +112,7 @@ def make_arithmetic_splits(
     misses = 0
     while len(train) < n_train or len(test) < n_test:
         row = task.sample(rng)
-        if _is_test_question(row["question"], seed, test_fraction):
+        if is_test_question(row["question"], test_fraction):
             if len(test) < n_test and row["question"] not in seen_test:
                 seen_test.add(row["question"])
                 test.append(row)

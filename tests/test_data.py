@@ -9,6 +9,7 @@ from krpo_fast.data import (
     PAPER_SYSTEM_PROMPT,
     ArithmeticTask,
     format_prompt,
+    is_test_question,
     load_jsonl,
     make_arithmetic_splits,
 )
@@ -43,9 +44,10 @@ def test_train_and_test_are_disjoint_and_test_is_unique():
     test_questions = [row["question"] for row in test]
     assert len(set(test_questions)) == len(test_questions) == 300
     assert not set(test_questions) & {row["question"] for row in train}
-    # The split of a question does not depend on how many rows were asked for.
-    bigger_train, _ = make_arithmetic_splits(6000, 10, seed=1)
-    assert not set(test_questions) & {row["question"] for row in bigger_train}
+    # The split of a question depends on neither the sizes nor the seed.
+    other_train, _ = make_arithmetic_splits(6000, 10, seed=2)
+    assert not set(test_questions) & {row["question"] for row in other_train}
+    assert all(is_test_question(q) for q in test_questions)
 
 
 def test_default_task_and_bad_settings():
