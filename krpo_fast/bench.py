@@ -390,11 +390,20 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                     ratio.setdefault((f"vs {impl}", mode, dtype), []).append(
                         (size, row["time_s"] / ours["time_s"])
                     )
+        # Colour: implementation (or peer); line style: pass or mode; marker: dtype.
+        modes = sorted({r["mode"] for r in op_rows})
         for ax, series in ((ax_t, lines), (ax_r, ratio)):
             for (name, mode, dtype), points in sorted(series.items()):
                 xs, ys = zip(*sorted(points), strict=True)
-                style = "--" if mode == "fwd+bwd" else "-"
-                ax.plot(xs, ys, style, marker="o", label=f"{name} {mode} {dtype}")
+                impl = name.removeprefix("vs ")
+                ax.plot(
+                    xs,
+                    ys,
+                    ("-", "--", ":", "-.")[modes.index(mode) % 4],
+                    color=f"C{IMPLS.index(impl)}" if impl in IMPLS else "C5",
+                    marker="s" if dtype == "bfloat16" else "o",
+                    label=f"{name} {mode} {dtype}",
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("bytes the op must move (floor bytes)")
@@ -501,6 +510,12 @@ def run(
     status = subprocess.run(cmd, env=env, cwd=BENCH_DIR.parent).returncode
     if status != 0 or not json_path.exists():
         raise RuntimeError(f"benchmark run failed (pytest exit status {status}): {' '.join(cmd)}")
+    # pytest-benchmark's JSON keeps every round's time (tens of MB for the full
+    # sweep); the statistics are what the results need.
+    data = json.loads(json_path.read_text())
+    for entry in data["benchmarks"]:
+        entry["stats"].pop("data", None)
+    json_path.write_text(json.dumps(data, indent=1) + "\n")
     load_after = _loadavg()
     rows = latest_rows(out)
     skips: dict[str, int] = {}
@@ -509,7 +524,7 @@ def run(
             reason = json.loads(line)["reason"]
             skips[reason] = skips.get(reason, 0) + 1
         skips_path.unlink()
-    command = "krpo-fast bench" + (" --quick" if quick else "")
+    command = "OMP_NUM_THREADS=1 krpo-fast bench" + (" --quick" if quick else "")
     command += f" --ops {' '.join(ops)}" if set(ops) != set(OPS) else ""
     table = markdown_table(rows)
     cuda = torch.cuda.is_available()
