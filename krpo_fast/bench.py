@@ -143,9 +143,18 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     after the first recompile (static graphs for every size take minutes to build)."""
     import torch._dynamo
 
-    torch._dynamo.config.recompile_limit = 1024
-    torch._dynamo.config.accumulated_recompile_limit = 8192
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    config = torch._dynamo.config
+    # Older torch names the limits cache_size_limit; newer keeps those as aliases.
+    for name, value in (
+        ("recompile_limit", 1024),
+        ("cache_size_limit", 1024),
+        ("accumulated_recompile_limit", 8192),
+        ("accumulated_cache_size_limit", 8192),
+        ("fail_on_recompile_limit_hit", True),
+        ("fail_on_cache_limit_hit", True),
+    ):
+        if hasattr(config, name):
+            setattr(config, name, value)
     return torch.compile(fn, dynamic=False if torch.cuda.is_available() else None)
 
 

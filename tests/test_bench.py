@@ -91,3 +91,34 @@ def test_eager_logits_paths_match_paper():
     expected, _ = policy_loss_reference(token_logprobs_reference(logits, ids), old, ref, adv, mask)
     got = policy_loss_from_hidden_eager(hidden, weight, ids, old, ref, adv, mask)
     torch.testing.assert_close(got, expected)
+
+
+def _gpu_row(impl, seconds, floor_bytes, **extra):
+    rates = {"bandwidth": 3e12, "bf16_flops": 8e14, "launch_s": 4e-6}
+    return dict(
+        op="policy_loss",
+        impl=impl,
+        mode="fwd",
+        shape="4096x1024",
+        dtype="float32",
+        floor_bytes=floor_bytes,
+        floor_flops=0.0,
+        time_s=seconds,
+        launches=1,
+        peak_bytes=2**20,
+        **rates,
+        **extra,
+    )
+
+
+def test_gpu_report_share_of_floor_and_launch_floor():
+    # 300 MB at 3 TB/s: a 100 us floor; krpo-fast at 200 us reaches 50% of it.
+    big = [_gpu_row("eager", 1e-3, 300_000_000), _gpu_row("krpo-fast", 2e-4, 300_000_000)]
+    table = bench.markdown_table(big)
+    assert "| 5.0x |" in table and "100.0 us (bytes) | 50% | 1 | 1.0 |" in table
+    # Below 64 MiB the floor is one launch (4 us): 20 us is 20% of it.
+    small = [_gpu_row("krpo-fast", 2e-5, 1_000_000)]
+    assert "4.0 us (1 launch) | 20% |" in bench.markdown_table(small)
+    # The LM-head path: FLOPs over the bf16 rate whatever the bytes.
+    flops = [dict(_gpu_row("krpo-fast", 2e-3, 1_000), floor_flops=8e11)]
+    assert "1.00 ms (bf16 FLOPs) | 50% |" in bench.markdown_table(flops)
