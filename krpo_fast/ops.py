@@ -167,17 +167,21 @@ def _kalman_coefficients(
     return weights, init_coef, scale
 
 
-def _group_index(
-    n: int, group_size: int | None, offsets: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(group id of every reward, its position within the group, number of groups)."""
-    rows = torch.arange(n, device=device)
+def _grouped(
+    r: torch.Tensor, group_size: int | None, offsets: torch.Tensor | None, max_group_len: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Rewards as a [n_groups, L] matrix, a validity mask (None when every group is
+    full) and the (group, position) index of every reward (None: a plain view)."""
     if offsets is None:
-        return rows // group_size, rows % group_size, n // group_size
-    starts = offsets[:-1].long()
+        return r.view(-1, group_size), None, None
     lengths = offsets.diff().long()
-    group = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-    return group, rows - starts[group], len(lengths)
+    rows = torch.arange(r.numel(), device=r.device)
+    group = torch.repeat_interleave(torch.arange(len(lengths), device=r.device), lengths)
+    index = (group, rows - offsets[:-1].long()[group])
+    padded = r.new_zeros(len(lengths), max_group_len)
+    padded[index] = r
+    valid = torch.arange(max_group_len, device=r.device) < lengths[:, None]
+    return padded, valid, index
 
 
 def _group_advantages_torch(
@@ -189,37 +193,38 @@ def _group_advantages_torch(
     kalman: tuple[float, float, float, float],
     eps: float,
 ) -> torch.Tensor:
+    """Float64 math on a [n_groups, L] layout (a view for uniform groups)."""
     r = rewards.double()
-    group, pos, n_groups = _group_index(r.numel(), group_size, offsets, r.device)
+    groups, valid, index = _grouped(r, group_size, offsets, max_group_len)
     if mode == "kalman":
         process_var, meas_var, init_mean, init_var = kalman
         weights, init_coef, scale = (
             t.to(r.device)
             for t in _kalman_coefficients(max_group_len, process_var, meas_var, init_var, eps)
         )
-        padded = r.new_zeros(n_groups, max_group_len)
-        padded[group, pos] = r
-        x = (padded @ weights.T)[group, pos] + init_coef[pos] * init_mean
-        return ((r - x) * scale[pos]).float()
-    counts = torch.bincount(group, minlength=n_groups).double()
-    # Deviations from each group's first reward: equal rewards get a mean equal to
-    # them exactly, hence advantage 0 rather than rounding noise over a tiny std.
-    first = (
-        r[offsets[:-1].long().clamp(max=r.numel() - 1)] if offsets is not None else r[::group_size]
-    )
-    shifted = r - first[group]
-    mean = first + r.new_zeros(n_groups).index_add_(0, group, shifted) / counts.clamp(min=1)
-    centred = r - mean[group]
-    if mode == "dr_grpo":
-        return centred.float()
-    if mode == "grpo":
-        sq = r.new_zeros(n_groups).index_add_(0, group, centred * centred)
-        std = (sq / (counts - 1).clamp(min=1)).sqrt()
-        # A group of one has no spread: advantage 0 rather than 0 / 0.
-        scale = torch.where(counts > 1, 1.0 / (std + eps), 0.0)
-        return (centred * scale[group]).float()
-    batch_std = (r - r[0]).std() if r.numel() > 1 else r.new_zeros(())
-    return (centred / (batch_std + eps)).float()
+        adv = (groups - (groups @ weights.T + init_coef * init_mean)) * scale
+    else:
+        counts = groups.new_full((groups.shape[0], 1), groups.shape[1])
+        if valid is not None:
+            counts = valid.sum(1, keepdim=True).double()
+        # Deviations from each group's first reward: equal rewards get a mean equal to
+        # them exactly, hence advantage 0 rather than rounding noise over a tiny std.
+        shifted = groups - groups[:, :1]
+        if valid is not None:
+            shifted = shifted * valid
+        centred = shifted - shifted.sum(1, keepdim=True) / counts.clamp(min=1)
+        if valid is not None:
+            centred = centred * valid
+        if mode == "grpo":
+            std = (centred.square().sum(1, keepdim=True) / (counts - 1).clamp(min=1)).sqrt()
+            # A group of one has no spread: advantage 0 rather than 0 / 0.
+            adv = centred * torch.where(counts > 1, 1.0 / (std + eps), 0.0)
+        elif mode == "batch_std":
+            batch_std = (r - r[0]).std() if r.numel() > 1 else r.new_zeros(())
+            adv = centred / (batch_std + eps)
+        else:
+            adv = centred
+    return (adv.reshape(-1) if index is None else adv[index]).float()
 
 
 def token_terms_torch(
