@@ -1,0 +1,272 @@
+"""KRPO inside TRL: a ``GRPOTrainer`` whose advantages and loss are krpo-fast's ops.
+
+Usage (TRL 1.16)::
+
+    from krpo_fast.integrations.trl import KRPOConfig, KRPOGRPOTrainer
+
+    args = KRPOConfig(output_dir="out", loss_type="grpo", beta=0.01, process_var=1e-5)
+    trainer = KRPOGRPOTrainer(model=..., reward_funcs=..., args=args, train_dataset=...)
+    trainer.train()
+
+What changes against ``GRPOTrainer``:
+
+- Advantages: ``krpo_fast.group_advantages`` over the weighted sum of the reward
+  functions, one group per prompt (``num_generations`` completions in rollout order),
+  ``mode=adv_mode`` ("kalman" by default; TRL's ``scale_rewards`` is then unused). As in
+  TRL, rewards are gathered from every process before the advantages are computed, so a
+  group never depends on how completions were spread over ranks; each process keeps its
+  slice. Completions that every reward function scored ``None`` are left out of their
+  group's filter and get advantage 0 (TRL's rule).
+- Loss: ``krpo_fast.policy_loss`` (the fused clipped loss with k3 KL) on TRL's per-token
+  log-probs, with ``epsilon``/``epsilon_high`` as the clip range and ``beta`` as the KL
+  weight. TRL loss types map to krpo-fast aggregations as follows:
+
+  ============  ============================  =====================================
+  loss_type     krpo-fast ``loss_agg``         scaling applied afterwards
+  ============  ============================  =====================================
+  ``grpo``      ``seq-mean-token-mean``        / gradient accumulation steps
+  ``bnpo``      ``token-mean``                 / gradient accumulation steps
+  ``dr_grpo``   ``seq-mean-token-sum-norm``    ``max_len = max_completion_length``,
+                                               / gradient accumulation steps
+  ``dapo``      ``token-mean``                 x local tokens / TRL's global token
+                                               normaliser (as TRL's ``dapo``)
+  ============  ============================  =====================================
+
+  ``cispo``, ``sapo``, ``luspo`` and ``vespo`` use other per-token objectives and are
+  rejected, as are the options that reweight tokens outside the fused loss
+  (sequence-level importance sampling, ``delta``, ``top_entropy_quantile < 1``,
+  ``off_policy_mask_threshold``, ``use_bias_correction_kl`` with ``beta != 0`` (TRL's
+  default is True; :class:`KRPOConfig` defaults it to False), the entropy bonus, vLLM
+  importance-sampling correction) and ``multi_objective_aggregation="normalize_then_sum"``.
+- Metrics added to TRL's logs: ``krpo/advantages/{mean,std,abs_max}``, ``kl`` (when
+  ``beta != 0``) and ``clip_ratio/region_mean`` (krpo-fast's clip fraction: the share of
+  tokens whose gradient the clip removes, TRL's definition of that metric).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from krpo_fast.ops import ADVANTAGE_MODES, group_advantages, policy_loss
+
+__all__ = ["LOSS_TYPE_TO_AGG", "KRPOConfig", "KRPOGRPOTrainer"]
+
+LOSS_TYPE_TO_AGG = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "dapo": "token-mean",
+}
+
+# Extra model inputs TRL forwards for multimodal models; passed through unchanged.
+_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+@dataclass
+class KRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the advantage settings of krpo-fast (parsable by ``TrlParser``).
+
+    A plain ``GRPOConfig`` also works with :class:`KRPOGRPOTrainer`; these defaults apply.
+    """
+
+    adv_mode: str = field(
+        default="kalman",
+        metadata={"help": "krpo-fast advantage mode: 'kalman', 'grpo', 'dr_grpo' or 'batch_std'."},
+    )
+    process_var: float = field(default=1e-5, metadata={"help": "Kalman process variance Q."})
+    meas_var: float = field(default=1e-2, metadata={"help": "Kalman measurement variance R."})
+    init_mean: float = field(default=0.0, metadata={"help": "Kalman initial state x_0."})
+    init_var: float = field(default=1.0, metadata={"help": "Kalman initial variance P_0."})
+    adv_eps: float = field(default=1e-8, metadata={"help": "Added to sqrt(P) or the std."})
+    # The fused loss is the paper's k3 KL, without TRL's importance-weighted KL.
+    use_bias_correction_kl: bool = field(
+        default=False, metadata={"help": "Not supported by the fused loss; must stay False."}
+    )
+
+
+def _unsupported_options(args: GRPOConfig, trainer: GRPOTrainer) -> list[str]:
+    """The TRL options that the fused loss or the advantage op cannot honour."""
+    problems = []
+    if args.loss_type not in LOSS_TYPE_TO_AGG:
+        problems.append(
+            f"loss_type={args.loss_type!r} (supported: {', '.join(sorted(LOSS_TYPE_TO_AGG))})"
+        )
+    if args.importance_sampling_level != "token":
+        problems.append(f"importance_sampling_level={args.importance_sampling_level!r}")
+    if args.delta is not None:
+        problems.append("delta (two-sided clipping)")
+    if args.top_entropy_quantile < 1.0:
+        problems.append("top_entropy_quantile < 1")
+    if args.off_policy_mask_threshold is not None:
+        problems.append("off_policy_mask_threshold")
+    if args.use_bias_correction_kl and args.beta != 0.0:
+        problems.append("use_bias_correction_kl with beta != 0 (set it to False)")
+    if trainer._entropy_bonus_enabled:
+        problems.append("entropy_coef / use_adaptive_entropy (entropy bonus)")
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        problems.append("vllm_importance_sampling_correction (set it to False)")
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        problems.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r}")
+    if getattr(args, "adv_mode", "kalman") not in ADVANTAGE_MODES:
+        problems.append(f"adv_mode={args.adv_mode!r} (supported: {', '.join(ADVANTAGE_MODES)})")
+    return problems
+
+
+class KRPOGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with krpo-fast's group advantages and fused policy loss.
+
+    Takes the same arguments as ``GRPOTrainer``; ``args`` may be a :class:`KRPOConfig`
+    (to set the advantage mode and the Kalman filter) or a plain ``GRPOConfig``.
+    Raises ``ValueError`` at construction for TRL options the fused path does not
+    implement (see the module docstring).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        problems = _unsupported_options(self.args, self)
+        if problems:
+            raise ValueError(
+                "KRPOGRPOTrainer does not support these GRPOConfig settings: " + "; ".join(problems)
+            )
+        defaults = KRPOConfig.__dataclass_fields__
+        self._krpo_adv = {
+            name: getattr(self.args, name, defaults[name].default)
+            for name in ("adv_mode", "process_var", "meas_var", "init_mean", "init_var", "adv_eps")
+        }
+        self._krpo_rewards_per_func: torch.Tensor | None = None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL returns the rewards of every process; keep them for the advantages.
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        self._krpo_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def krpo_advantages(self, rewards_per_func: torch.Tensor, group_size: int) -> torch.Tensor:
+        """Advantages of all processes' completions from TRL's [N, n_reward_funcs] rewards.
+
+        Rows that every reward function scored ``None`` (NaN) are left out of their
+        group's filter and get 0.
+        """
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        scorable = ~torch.isnan(rewards_per_func).all(dim=1)
+        c = self._krpo_adv
+        options = {
+            "mode": c["adv_mode"],
+            "process_var": c["process_var"],
+            "meas_var": c["meas_var"],
+            "init_mean": c["init_mean"],
+            "init_var": c["init_var"],
+            "eps": c["adv_eps"],
+        }
+        if bool(scorable.all()):
+            return group_advantages(rewards, group_size=group_size, **options)
+        advantages = torch.zeros_like(rewards)
+        if bool(scorable.any()):
+            # Ragged groups of the scorable rows keep rollout order within each group.
+            offsets = torch.zeros(rewards.numel() // group_size + 1, dtype=torch.int32)
+            offsets[1:] = scorable.view(-1, group_size).sum(dim=1).cumsum(0).cpu()
+            kept = group_advantages(
+                rewards[scorable], group_offsets=offsets.to(rewards.device), **options
+            )
+            advantages[scorable] = kept
+        return advantages
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        all_advantages = self.krpo_advantages(self._krpo_rewards_per_func, group_size)
+        self._krpo_rewards_per_func = None
+
+        n_local = output["advantages"].shape[0]
+        start = self.accelerator.process_index * n_local
+        output["advantages"] = all_advantages[start : start + n_local].to(
+            output["advantages"].dtype
+        )
+
+        # TRL logged its own advantages for these completions last: replace them.
+        logged = self._logs["advantages"]
+        for _ in range(min(all_advantages.numel(), len(logged))):
+            logged.pop()
+        logged.extend(all_advantages.tolist())
+        metrics = self._metrics[mode]
+        metrics["krpo/advantages/mean"].append(all_advantages.mean().item())
+        metrics["krpo/advantages/std"].append(all_advantages.std().nan_to_num(0.0).item())
+        metrics["krpo/advantages/abs_max"].append(all_advantages.abs().max().item())
+        return output
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = (
+            completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        )
+
+        per_token_logps, _, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=False,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in _FORWARD_KEYS},
+        )
+        loss_agg = LOSS_TYPE_TO_AGG[self.loss_type]
+        loss, stats = policy_loss(
+            per_token_logps,
+            inputs.get("old_per_token_logps"),
+            inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            inputs["advantages"],
+            mask,
+            eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high,
+            beta=self.beta,
+            loss_agg=loss_agg,
+            max_len=self.max_completion_length if loss_agg == "seq-mean-token-sum-norm" else None,
+        )
+
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "dapo":
+            # TRL's dapo divides the token sum by the global token count of the
+            # accumulation window: undo the local token mean, then apply that normaliser.
+            normalizer = (
+                inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            )
+            if mode == "train":
+                normalizer = normalizer * accumulation / self.args.steps_per_generation
+            loss = loss * mask.sum() / normalizer
+        else:
+            loss = loss / accumulation
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss).mean().item()
+            )
+
+        metrics = self._metrics[mode]
+        if self.beta != 0.0:
+            metrics["kl"].append(self.accelerator.gather(stats["kl"]).mean().item())
+        clip_fraction = self.accelerator.gather(stats["clip_fraction"]).mean().item()
+        metrics["clip_ratio/region_mean"].append(clip_fraction)
+        return loss
