@@ -315,22 +315,28 @@ def _floor(row: dict) -> tuple[float | None, str]:
     return row["launch_s"], "1 launch"
 
 
-def load_rows(json_path: Path) -> list[dict]:
-    """The rows the bench files recorded, from pytest-benchmark's JSON."""
-    data = json.loads(json_path.read_text())
-    return [b["extra_info"] for b in data["benchmarks"] if "time_s" in b["extra_info"]]
-
-
-def latest_rows(out: Path) -> list[dict]:
-    """Every op's rows from the newest ``benchmark*.json`` in ``out`` that has them, so
-    runs of a few ops at a time (e.g. within a per-command time limit) add up."""
-    by_op: dict[str, list[dict]] = {}
+def collect(out: Path) -> tuple[list[dict], dict[str, int], list[dict]]:
+    """(rows, skip reason -> count, each run's metadata) over the ``benchmark*.json``
+    files in ``out``, every test taken from the newest file that ran it, so runs of a
+    few ops or implementations at a time (e.g. within a per-command time limit) add up.
+    """
+    latest: dict[str, tuple[dict | None, str | None]] = {}
+    runs = []
     for path in sorted(out.glob("benchmark*.json"), key=lambda p: p.stat().st_mtime):
-        fresh: dict[str, list[dict]] = {}
-        for row in load_rows(path):
-            fresh.setdefault(row["op"], []).append(row)
-        by_op.update(fresh)
-    return [row for op in OPS for row in by_op.get(op, [])]
+        data = json.loads(path.read_text())
+        for entry in data["benchmarks"]:
+            if "time_s" in entry["extra_info"]:
+                latest[entry["fullname"]] = (entry["extra_info"], None)
+        for skip in data.get("skipped", []):
+            latest[skip["test"]] = (None, skip["reason"])
+        if "run" in data:
+            runs.append(data["run"])
+    rows = [row for row, _ in latest.values() if row is not None]
+    skips: dict[str, int] = {}
+    for _, reason in latest.values():
+        if reason is not None:
+            skips[reason] = skips.get(reason, 0) + 1
+    return rows, skips, runs
 
 
 def _groups(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -442,7 +448,7 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def _header(cuda: bool, load_before: str, load_after: str, command: str, skips: dict) -> str:
+def _header(cuda: bool, runs: list[dict], skips: dict[str, int]) -> str:
     lines = [f"# krpo-fast benchmarks: {device_name()}", ""]
     if cuda:
         lines += [
@@ -469,10 +475,13 @@ def _header(cuda: bool, load_before: str, load_after: str, command: str, skips: 
             f"(shared), 1 thread; torch {torch.__version__}. Times are pytest-benchmark "
             "medians.",
         ]
+    lines += ["", "Runs (each row comes from the newest run that measured it):", ""]
     lines += [
-        "",
-        f"Load average (1, 5, 15 min) before: {load_before}; after: {load_after}.",
-        f"Command: `{command}`",
+        f"- `{r['command']}`; load average (1, 5, 15 min) before {r['load_before']}, "
+        f"after {r['load_after']}"
+        for r in runs
+    ]
+    lines += [
         "",
         "Columns: median time per implementation; `vs X` = X's time / krpo-fast's time.",
         "",
@@ -509,8 +518,14 @@ def run(
         raise FileNotFoundError(f"{BENCH_DIR} not found: run from a krpo-fast checkout")
     out = Path(out) if out is not None else BENCH_DIR / "results" / device_name()
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if set(ops) == set(OPS) else "-" + "-".join(o for o in OPS if o in ops)
-    json_path, skips_path = out / f"benchmark{suffix}.json", out / "skipped.jsonl"
+    subset_ops = [o for o in OPS if o in ops] if set(ops) != set(OPS) else []
+    subset_impls = [i for i in IMPLS if i in impls] if impls and set(impls) != set(IMPLS) else []
+    parts = subset_ops + subset_impls + (["quick"] if quick else [])
+    if not parts:  # the full suite starts the folder afresh
+        for old in out.glob("benchmark*.json"):
+            old.unlink()
+    json_path = out / ("-".join(["benchmark", *parts]) + ".json")
+    skips_path = out / "skipped.jsonl"
     skips_path.unlink(missing_ok=True)
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
     env.update({ENV_QUICK: "1" if quick else "0", ENV_SKIPS: str(skips_path)})
@@ -524,22 +539,21 @@ def run(
     status = subprocess.run(cmd, env=env, cwd=BENCH_DIR.parent).returncode
     if status != 0 or not json_path.exists():
         raise RuntimeError(f"benchmark run failed (pytest exit status {status}): {' '.join(cmd)}")
+    data = json.loads(json_path.read_text())
     # pytest-benchmark's JSON keeps every round's time (tens of MB for the full
     # sweep); the statistics are what the results need.
-    data = json.loads(json_path.read_text())
     for entry in data["benchmarks"]:
         entry["stats"].pop("data", None)
+    lines = skips_path.read_text().splitlines() if skips_path.exists() else []
+    data["skipped"] = [json.loads(line) for line in lines]
+    skips_path.unlink(missing_ok=True)
+    command = "OMP_NUM_THREADS=1 krpo-fast bench"
+    command += f" --ops {' '.join(subset_ops)}" if subset_ops else ""
+    command += f" --impls {' '.join(subset_impls)}" if subset_impls else ""
+    command += " --quick" if quick else ""
+    data["run"] = {"command": command, "load_before": load_before, "load_after": _loadavg()}
     json_path.write_text(json.dumps(data, indent=1) + "\n")
-    load_after = _loadavg()
-    rows = latest_rows(out)
-    skips: dict[str, int] = {}
-    if skips_path.exists():
-        for line in skips_path.read_text().splitlines():
-            reason = json.loads(line)["reason"]
-            skips[reason] = skips.get(reason, 0) + 1
-        skips_path.unlink()
-    command = "OMP_NUM_THREADS=1 krpo-fast bench" + (" --quick" if quick else "")
-    command += f" --ops {' '.join(ops)}" if set(ops) != set(OPS) else ""
+    rows, skips, runs = collect(out)
     table = markdown_table(rows)
     cuda = torch.cuda.is_available()
     readme = out / "README.md"
@@ -549,7 +563,7 @@ def run(
         print("matplotlib is not installed: no plots", file=sys.stderr)
         images = []
     plots = "".join(f"![{p.stem}]({p.name})\n" for p in images)
-    readme.write_text(_header(cuda, load_before, load_after, command, skips) + table + "\n" + plots)
+    readme.write_text(_header(cuda, runs, skips) + table + "\n" + plots)
     print(table)
     print(f"results: {readme}, {json_path}, {len(images)} plots")
     return readme

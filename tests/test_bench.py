@@ -31,14 +31,29 @@ def test_bench_runs_end_to_end(tmp_path):
     assert "CPU-only machine: these are the CPU paths" in text
     assert "| advantages | kalman | 64x8 | float32 |" in text
     assert "| policy_loss | fwd+bwd | 8x1024 | float32 |" in text
-    rows = bench.load_rows(tmp_path / "benchmark-advantages-policy_loss.json")
+    rows, skips, runs = bench.collect(tmp_path)
+    assert not skips
+    assert runs[0]["command"] == (
+        "OMP_NUM_THREADS=1 krpo-fast bench --ops advantages policy_loss "
+        "--impls paper eager krpo-fast --quick"
+    )
     # 4 modes x 3 impls, and 2 passes x 3 impls
     assert len(rows) == 12 + 6
     assert {r["impl"] for r in rows} == {"paper", "eager", "krpo-fast"}
     assert all(r["time_s"] > 0 for r in rows)
     assert (tmp_path / "advantages.png").stat().st_size > 0
     assert (tmp_path / "policy_loss.png").stat().st_size > 0
-    assert not list(tmp_path.glob("skipped*"))
+    assert [p.name for p in tmp_path.glob("*.json")] == [
+        "benchmark-advantages-policy_loss-paper-eager-krpo-fast-quick.json"
+    ]
+    # A later partial run replaces the rows it measured and keeps the others.
+    bench.run(["advantages"], True, tmp_path, ["eager"], ["--benchmark-max-time=0.001"])
+    merged, _, runs = bench.collect(tmp_path)
+    assert len(merged) == len(rows) and len(runs) == 2
+    eager_kalman = [r for r in merged if r["impl"] == "eager" and r["mode"] == "kalman"]
+    assert eager_kalman[0]["time_s"] != next(
+        r["time_s"] for r in rows if r["impl"] == "eager" and r["mode"] == "kalman"
+    )
 
 
 def test_bench_rejects_unknown_op(tmp_path):
