@@ -571,9 +571,28 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``krpo-fast bench [--ops ...] [--quick] [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="krpo-fast bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser = argparse.ArgumentParser(
+        prog="krpo-fast bench",
+        description="Time every op against the paper's eager code, eager torch, "
+        "torch.compile and Liger-Kernel; write JSON, a Markdown table and plots into "
+        "bench/results/<device>/. On a CPU-only machine: the CPU paths only.",
+    )
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=OPS,
+        default=list(OPS),
+        metavar="OP",
+        help=f"ops to run (default all): {', '.join(OPS)}",
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=list(IMPLS),
+        metavar="IMPL",
+        help=f"implementations (default all): {', '.join(IMPLS)}",
+    )
     parser.add_argument("--quick", action="store_true", help="smallest sizes, float32 only")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/<device>")
     args = parser.parse_args(argv)
