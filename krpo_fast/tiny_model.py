@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from krpo_fast.data import DEFAULT_TASK, ArithmeticTask, format_prompt, make_arithmetic_splits
+from krpo_fast.data import (
+    DEFAULT_TASK,
+    ArithmeticTask,
+    format_prompt,
+    is_test_question,
+    make_arithmetic_splits,
+)
 
 # Short on purpose: a character-level model pays one token per character, and the paper's
 # ~370-character prompt would make every RL step several times slower.
@@ -183,7 +189,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy (first sample), pass@num_samples and the well-formed-tags rate on ``rows``.
 
-    A completion is correct when its stripped ``<answer>`` content equals the answer.
+    A completion is correct when its stripped ``<answer>`` content equals the answer, and
+    well formed when it has an ``<answer>...</answer>`` tag (a non-zero graded reward).
     """
     from krpo_fast.rewards import exact_match_reward, graded_reward
 
@@ -217,7 +224,7 @@ class Recipe:
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 20
-    max_steps: int = 3000
+    max_steps: int = 1400
     eval_every: int = 25
     n_eval: int = 200
     target_accuracy: float = 0.25
@@ -241,14 +248,13 @@ def pretrain(recipe: Recipe, output: Path, command: str = "") -> dict[str, Any]:
             1.0 - 0.9 * (s - recipe.warmup_steps) / max(1, recipe.max_steps - recipe.warmup_steps),
         ),
     )
-    test_questions = {r["question"] for r in test_rows}
     model.train()
     step, greedy = 0, {}
     while step < recipe.max_steps:
         rows: list[dict[str, Any]] = []
         while len(rows) < recipe.batch_size:
             row = recipe.task.sample(rng)
-            if row["question"] not in test_questions:
+            if not is_test_question(row["question"]):
                 rows.append(row)
         ids, mask, labels = _sft_batch(tokenizer, rows, recipe.system_prompt)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
