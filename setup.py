@@ -36,6 +36,14 @@ setup(
         "vllm": ["vllm"],
         "flash": ["flash-attn"],
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.8", "matplotlib"],
+        "trl": ["trl==1.16.*"],
+        # verl itself is installed with --no-deps (its pins would replace torch and
+        # transformers); these are what its core_algos needs at import time.
+        "verl": ["ray>=2.41.0", "tensordict>=0.8.0,<=0.10.0,!=0.9.0", "omegaconf", "codetiming"],
     },
-    entry_points={"console_scripts": ["krpo-fast=krpo_fast.cli:main"]},
+    entry_points={
+        "console_scripts": ["krpo-fast=krpo_fast.cli:main"],
+        # Importing the module registers the "krpo" estimator and "krpo_fused" loss.
+        "verl.plugins": ["krpo = krpo_fast.integrations.verl"],
+    },
 )
