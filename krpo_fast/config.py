@@ -43,7 +43,7 @@ class TrainConfig:
     )
     reward: str = _f("graded", "'graded' (paper), 'exact_match', or 'module:function'")
     # the RL loop
-    max_steps: int = _f(60, "generation rounds (each: sample, score, mu epochs of updates)")
+    max_steps: int = _f(150, "generation rounds (each: sample, score, mu epochs of updates)")
     prompts_per_step: int = _f(16, "prompts sampled per step")
     group_size: int = _f(8, "completions per prompt (G)")
     epochs_per_step: int = _f(1, "optimisation epochs per batch (mu); > 1 uses old log-probs")
@@ -53,7 +53,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(
         0, "micro-batches per optimizer step; 0: the whole batch (one step per epoch)"
     )
-    learning_rate: float = _f(5e-4, "AdamW peak learning rate")
+    learning_rate: float = _f(2e-4, "AdamW peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(5, "optimizer steps of linear warm-up, then constant")
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables")
@@ -69,7 +69,7 @@ class TrainConfig:
         "seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = _f("seq-mean-token-mean", "loss aggregation over tokens and sequences")
     # generation
-    temperature: float = _f(1.0, "sampling temperature (also applied to the training log-probs)")
+    temperature: float = _f(0.7, "sampling temperature (also applied to the training log-probs)")
     top_p: float = _f(1.0, "nucleus sampling threshold")
     max_new_tokens: int = _f(48, "completion length limit")
     generation_backend: Literal["auto", "vllm", "hf"] = _f(
@@ -83,7 +83,7 @@ class TrainConfig:
     bf16: bool = _f(True, "bf16 autocast for the policy forward on CUDA (CPU is always fp32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     torch_threads: int = _f(1, "CPU threads for torch; 0 keeps torch's default")
-    save_steps: int = _f(0, "checkpoint every N steps (the final one is always saved); 0: final")
+    save_steps: int = _f(50, "checkpoint every N steps (the final one is always saved); 0: final")
     save_total_limit: int = _f(2, "checkpoints kept (oldest deleted first); 0 keeps all")
     resume: str = _f(
         "",
