@@ -73,7 +73,7 @@ class TrainConfig:
     top_p: float = _f(1.0, "nucleus sampling threshold")
     max_new_tokens: int = _f(48, "completion length limit")
     generation_backend: Literal["auto", "vllm", "hf"] = _f(
-        "auto", "auto: HF generate on CPU, vLLM on CUDA when installed (bench/results/cpu)"
+        "auto", "auto: vLLM when installed (measured faster, CPU too), else HF generate"
     )
     vllm_kv_cache_bytes: int = _f(256 << 20, "vLLM KV-cache size in bytes")
     eval_batch_size: int = _f(64, "prompts per greedy evaluation batch")
