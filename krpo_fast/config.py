@@ -43,7 +43,7 @@ class TrainConfig:
     )
     reward: str = _f("graded", "'graded' (paper), 'exact_match', or 'module:function'")
     # the RL loop
-    max_steps: int = _f(150, "generation rounds (each: sample, score, mu epochs of updates)")
+    max_steps: int = _f(250, "generation rounds (each: sample, score, mu epochs of updates)")
     prompts_per_step: int = _f(16, "prompts sampled per step")
     group_size: int = _f(8, "completions per prompt (G)")
     epochs_per_step: int = _f(1, "optimisation epochs per batch (mu); > 1 uses old log-probs")
@@ -53,7 +53,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(
         0, "micro-batches per optimizer step; 0: the whole batch (one step per epoch)"
     )
-    learning_rate: float = _f(2e-4, "AdamW peak learning rate")
+    learning_rate: float = _f(
+        5e-5, "AdamW peak learning rate (Kalman advantages reach |A| ~ 20: keep it small)"
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(5, "optimizer steps of linear warm-up, then constant")
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables")

@@ -9,6 +9,7 @@ FlashAttention-2 transformers turns the restarts into varlen boundaries; with SD
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +99,17 @@ def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tenso
 
 
 def completion_logprobs(
-    model: torch.nn.Module, batch: PackedBatch, temperature: float
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    temperature: float,
+    autocast: contextlib.AbstractContextManager | None = None,
 ) -> torch.Tensor:
-    """Float32 [b, T] log-probs of the completion tokens at ``temperature`` (0 at padding)."""
-    hidden = completion_hidden(model, batch)
-    logits = model.get_output_embeddings()(hidden)
+    """Float32 [b, T] log-probs of the completion tokens at ``temperature`` (0 at padding).
+
+    The body runs under ``autocast``; the LM head does not, so that these log-probs match
+    the training loss's (float32 LM head) and the on-policy ratio is exactly 1.
+    """
+    with autocast or contextlib.nullcontext():
+        hidden = completion_hidden(model, batch)
+    logits = hidden @ model.get_output_embeddings().weight.to(hidden.dtype).T
     return selective_log_softmax(logits, batch.targets, temperature) * batch.mask

@@ -183,7 +183,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state = load_trainer_state(resume_from, optimizer, scheduler)
         run = {k: state[k] for k in run}
         # Rows logged after the checkpoint by the killed run are redone below.
-        kept = [r for r in _read_jsonl(metrics_path) if r["step"] <= run["step"]]
+        kept = [r for r in _read_jsonl(metrics_path, torn_ok=True) if r["step"] <= run["step"]]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         print(f"resumed from {resume_from} at step {run['step']}")
     else:
@@ -251,15 +251,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             pack([seq_prompts[i] for i in c], [completion_ids[i] for i in c], device)
             for c in chunks
         ]
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             # On-policy with one epoch: the ratio is 1, the op takes old_logp=None.
             old = (
-                [completion_logprobs(policy, p, cfg.temperature) for p in packed]
+                [completion_logprobs(policy, p, cfg.temperature, autocast) for p in packed]
                 if cfg.epochs_per_step > 1
                 else [None] * len(packed)
             )
             ref_lp = (
-                [completion_logprobs(ref, p, cfg.temperature) for p in packed]
+                [completion_logprobs(ref, p, cfg.temperature, autocast) for p in packed]
                 if ref is not None
                 else [None] * len(packed)
             )
@@ -419,7 +419,14 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, torn_ok: bool = False) -> list[dict[str, Any]]:
+    """Rows of a metrics file; ``torn_ok`` drops a last line cut short by a kill."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if torn_ok and lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    return [json.loads(line) for line in lines]
