@@ -17,7 +17,16 @@ def plot_metrics(rows: list[dict[str, Any]], output_dir: str | Path) -> list[Pat
     written = []
     for key, label in (("reward_mean", "mean reward"), ("accuracy", "sampled accuracy")):
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, [r[key] for r in rows], marker=".", linewidth=1)
+        values = [r[key] for r in rows]
+        ax.plot(steps, values, marker=".", linewidth=0.5, alpha=0.5, label="per step")
+        # Per-step values swing with the sampled prompts; the running mean shows the trend.
+        window = max(1, len(values) // 20)
+        smooth = [
+            sum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window)
+            for i in range(len(values))
+        ]
+        ax.plot(steps, smooth, linewidth=2, label=f"mean of last {window}")
+        ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
