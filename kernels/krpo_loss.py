@@ -21,6 +21,7 @@ Shapes: rewards [B]; offsets [n_groups + 1] int32 (ragged); logp, old, ref, mask
 import torch
 import triton
 import triton.language as tl
+
 from krpo_fast.kernels.group_advantages import MODES, kalman_predict_update
 from krpo_fast.kernels.policy_loss import block_t_for, policy_loss_row
 

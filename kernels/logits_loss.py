@@ -29,6 +29,7 @@ per-sequence tensors (adv, seq_weight) contiguous [B].
 
 import triton
 import triton.language as tl
+
 from krpo_fast.kernels.policy_loss import clipped_token_loss
 from krpo_fast.kernels.selective_log_softmax import _row_offset, launch_config
 

@@ -1,4 +1,4 @@
-"""Command line: ``krpo-fast train`` and ``krpo-fast eval``.
+"""Command line: ``krpo-fast train``, ``krpo-fast eval`` and ``krpo-fast bench``.
 
 Bad input (a missing model, malformed dataset rows, a broken reward function, a bad
 config value) ends with one line ``error: <message>`` and exit status 2; unknown
@@ -12,10 +12,12 @@ import sys
 
 from krpo_fast.config import EvalConfig, TrainConfig, parse_config
 
-USAGE = """usage: krpo-fast {train,eval} [flags]
+USAGE = """usage: krpo-fast {train,eval,bench} [flags]
 
   train   KRPO/GRPO training (krpo-fast train --help lists every flag)
   eval    greedy held-out accuracy of a model (krpo-fast eval --help)
+  bench   benchmark the ops against the paper, eager torch, torch.compile and Liger
+          (krpo-fast bench --help)
 """
 
 
@@ -25,9 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command not in ("train", "eval"):
+    if command not in ("train", "eval", "bench"):
         print(USAGE + f"krpo-fast: error: unknown command {command!r}", file=sys.stderr)
         return 2
+    if command == "bench":
+        from krpo_fast.bench import main as bench_main
+
+        return bench_main(rest)
     from transformers.utils import logging as hf_logging
 
     from krpo_fast.trainer import evaluate, train

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
-
-ADV_MODES = ("kalman", "grpo", "dr_grpo", "batch_std")
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def _f(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -153,38 +149,13 @@ class EvalConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
-def _to_bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("true", "yes", "1", "t", "y"):
-        return True
-    if low in ("false", "no", "0", "f", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """One flag per field of dataclass ``cls``, plus ``--config FILE.yaml``."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    """transformers' ``HfArgumentParser`` over dataclass ``cls`` (one flag per field,
+    help from the field metadata), plus ``--config FILE.yaml``."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls, prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML file of flag values (field: value)")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kwargs = dict(f.metadata)
-        hint = hints[f.name]
-        if typing.get_origin(hint) is Literal:
-            kwargs.update(choices=typing.get_args(hint), type=str)
-        elif hint is bool:
-            kwargs.update(type=_to_bool, nargs="?", const=True, metavar="BOOL")
-        else:
-            kwargs.setdefault("type", hint)
-        parser.add_argument(f"--{f.name}", default=f.default, **kwargs)
-        if hint is bool and f.default:
-            parser.add_argument(
-                f"--no_{f.name}", dest=f.name, action="store_false", help=f"set {f.name} to false"
-            )
     return parser
 
 

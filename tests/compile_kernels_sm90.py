@@ -15,6 +15,11 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import krpo_fast.logits_ops as logits_ops  # noqa: E402
+import krpo_fast.ops as ops  # noqa: E402
 from krpo_fast.kernels import (  # noqa: E402
     group_advantages,
     krpo_loss,
@@ -22,11 +27,6 @@ from krpo_fast.kernels import (  # noqa: E402
     policy_loss,
     selective_log_softmax,
 )
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-import krpo_fast.logits_ops as logits_ops  # noqa: E402
-import krpo_fast.ops as ops  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {

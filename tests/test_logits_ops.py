@@ -9,23 +9,23 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from krpo_fast.kernels.logits_loss import logits_loss_fwd
 
 import krpo_fast.logits_ops as logits_ops
+from krpo_fast.kernels.logits_loss import logits_loss_fwd
 from krpo_fast.logits_ops import (
     krpo_loss_from_hidden,
     krpo_loss_from_logits,
     policy_loss_from_hidden,
     policy_loss_from_logits,
 )
-from krpo_fast.ops import krpo_loss
+from krpo_fast.ops import LOSS_AGGREGATIONS, krpo_loss
 from krpo_fast.reference import (
     group_advantages_reference,
     policy_loss_reference,
     token_logprobs_reference,
 )
 
-LOSS_AGGS = ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LOSS_AGGS = list(LOSS_AGGREGATIONS)
 MAX_LEN = 9
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import krpo_fast.logits_ops as logits_ops
 from krpo_fast.kernels.selective_log_softmax import (
     selective_log_softmax_bwd,
     selective_log_softmax_fwd,
 )
-
-import krpo_fast.logits_ops as logits_ops
 from krpo_fast.logits_ops import selective_log_softmax
 from krpo_fast.reference import token_logprobs_reference
 
