@@ -22,8 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-PARTIAL_LOSS, PARTIAL_KL, PARTIAL_CLIPPED, PARTIAL_TOKENS = range(4)
-
 
 @triton.jit
 def k3_kl(log_ratio):

@@ -31,7 +31,6 @@ __all__ = [
 
 ADVANTAGE_MODES = ("kalman", "grpo", "dr_grpo", "batch_std")
 LOSS_AGGREGATIONS = v.LOSS_AGGREGATIONS
-KALMAN_DEFAULTS = {"process_var": 1e-5, "meas_var": 1e-2, "init_mean": 0.0, "init_var": 1.0}
 
 
 # ---------------------------------------------------------------------------- validation
