@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from krpo_fast.data import ArithmeticTask
+
 
 def _f(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kwargs})
@@ -37,7 +39,18 @@ class TrainConfig:
     system_prompt: str = _f(
         "", "system prompt; empty: the model's own (krpo_fast.json) or the paper's <think>/<answer>"
     )
+    num_terms_min: int = _f(2, "arithmetic task: fewest terms in an expression")
+    num_terms_max: int = _f(2, "arithmetic task: most terms in an expression")
+    num_digits_min: int = _f(1, "arithmetic task: fewest digits in a term")
+    num_digits_max: int = _f(2, "arithmetic task: most digits in a term")
+    operators: str = _f("+-", "arithmetic task: operators drawn from (a subset of '+-*')")
     reward: str = _f("graded", "'graded' (paper), 'exact_match', or 'module:function'")
+    reward_noise: float = _f(
+        0.0, "std of Gaussian noise added to every training reward (a noisy grader); 0: none"
+    )
+    reward_flip_rate: float = _f(
+        0.0, "probability that a training reward r becomes 1 - r (rewards in [0, 1]); 0: none"
+    )
     # the RL loop
     max_steps: int = _f(250, "generation rounds (each: sample, score, mu epochs of updates)")
     prompts_per_step: int = _f(16, "prompts sampled per step")
@@ -75,6 +88,14 @@ class TrainConfig:
     )
     vllm_kv_cache_bytes: int = _f(256 << 20, "vLLM KV-cache size in bytes")
     eval_batch_size: int = _f(64, "prompts per greedy evaluation batch")
+    eval_steps: int = _f(
+        0, "held-out greedy accuracy every N steps, logged as eval_accuracy; 0: start and end"
+    )
+    log_grad_variance: bool = _f(
+        False,
+        "log grad_var: the spread of the micro-batch gradient estimates within each optimizer "
+        "step (flattens the gradient once per micro-batch: for small models)",
+    )
     # system
     seed: int = _f(0, "seed of data, sampling and initialisation")
     device: str = _f("auto", "auto, cpu or cuda")
@@ -89,6 +110,19 @@ class TrainConfig:
         nargs="?",
         const="latest",
     )
+
+    def task(self) -> ArithmeticTask:
+        """The arithmetic task the flags describe (ValueError naming the bad flag)."""
+        try:
+            return ArithmeticTask(
+                self.num_terms_min,
+                self.num_terms_max,
+                self.num_digits_min,
+                self.num_digits_max,
+                self.operators,
+            )
+        except ValueError as e:
+            raise ValueError(f"--num_terms_*/--num_digits_*/--operators: {e}") from None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -115,17 +149,22 @@ class TrainConfig:
             "beta",
             "max_grad_norm",
             "weight_decay",
+            "reward_noise",
+            "eval_steps",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.temperature <= 0:
             raise ValueError("--learning_rate and --temperature must be > 0")
+        if not 0 <= self.reward_flip_rate <= 1:
+            raise ValueError(f"--reward_flip_rate must be in [0, 1], got {self.reward_flip_rate}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.adv_mode == "grpo" and self.group_size < 2:
             raise ValueError("--adv_mode grpo needs --group_size >= 2")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        self.task()
 
 
 @dataclass

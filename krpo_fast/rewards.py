@@ -11,6 +11,8 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
+import torch
+
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], list[float]]
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -124,4 +126,30 @@ def compute_rewards(
         if not math.isfinite(value):
             raise ValueError(f"reward {name} returned a non-finite value at index {i}: {value}")
         rewards.append(value)
+    return rewards
+
+
+def add_reward_noise(
+    rewards: torch.Tensor, std: float, flip_rate: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Corrupt rewards the way a noisy grader would: label flips, then Gaussian noise.
+
+    With probability ``flip_rate`` a reward ``r`` becomes ``1 - r`` (a correct answer
+    scores as wrong and the reverse; this assumes rewards in [0, 1], as the builtin ones
+    are), then every reward gets ``N(0, std**2)`` added. ``generator`` makes the noise
+    reproducible (the trainer seeds it from the run seed and the step).
+
+    Raises:
+        ValueError: when flips are asked for and a reward lies outside [0, 1].
+    """
+    if flip_rate > 0:
+        if bool(((rewards < 0) | (rewards > 1)).any()):
+            raise ValueError(
+                "--reward_flip_rate needs rewards in [0, 1] (r -> 1 - r); "
+                f"the reward function returned values in [{rewards.min():g}, {rewards.max():g}]"
+            )
+        flips = torch.rand(rewards.shape, generator=generator) < flip_rate
+        rewards = torch.where(flips, 1.0 - rewards, rewards)
+    if std > 0:
+        rewards = rewards + std * torch.randn(rewards.shape, generator=generator)
     return rewards

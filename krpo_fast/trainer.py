@@ -22,12 +22,19 @@ from tqdm import tqdm
 
 from krpo_fast.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from krpo_fast.config import EvalConfig, TrainConfig
-from krpo_fast.data import PAPER_SYSTEM_PROMPT, format_prompt, load_jsonl, make_arithmetic_splits
+from krpo_fast.data import (
+    DEFAULT_TASK,
+    PAPER_SYSTEM_PROMPT,
+    ArithmeticTask,
+    format_prompt,
+    load_jsonl,
+    make_arithmetic_splits,
+)
 from krpo_fast.logits_ops import policy_loss_from_hidden
 from krpo_fast.ops import group_advantages
 from krpo_fast.plots import plot_metrics
 from krpo_fast.policy import completion_hidden, completion_logprobs, load_policy, pack
-from krpo_fast.rewards import compute_rewards, exact_match_reward, load_reward_fn
+from krpo_fast.rewards import add_reward_noise, compute_rewards, exact_match_reward, load_reward_fn
 from krpo_fast.rollout import (
     Generator,
     HFGenerator,
@@ -66,11 +73,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_rows(
-    dataset: str, eval_dataset: str, train_size: int, eval_size: int, seed: int
+    dataset: str,
+    eval_dataset: str,
+    train_size: int,
+    eval_size: int,
+    seed: int,
+    task: ArithmeticTask = DEFAULT_TASK,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train rows, held-out rows) from the generated task or JSONL files."""
     if dataset == "arithmetic":
-        train, test = make_arithmetic_splits(train_size, eval_size, seed)
+        train, test = make_arithmetic_splits(train_size, eval_size, seed, task)
     else:
         if not Path(dataset).is_file():
             raise FileNotFoundError(f"--dataset {dataset}: no such file")
@@ -130,6 +142,46 @@ def _batches(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+class GradientSpread:
+    """How much the micro-batch gradient estimates of one optimizer step disagree.
+
+    Micro-batch k adds ``w_k * g_k`` to the accumulated gradient (``w_k``: its share of
+    the step's sequences), so ``g_k`` is its own estimate of the step's policy gradient.
+    Per step this gives ``var = sum_k |g_k - mean|^2 / (n - 1)`` (the trace of the
+    covariance of one micro-batch's estimate) and ``mean_sq = |mean|^2``; their ratio is
+    scale-free, so estimators whose advantages differ in scale compare fairly.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.reset()
+
+    def reset(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+        self.total_sq, self.count = 0.0, 0
+
+    def add(self, weight: float) -> None:
+        """Record the micro-batch just back-propagated with loss weight ``weight``."""
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]
+        ).double()
+        estimate = (flat if self.previous is None else flat - self.previous) / weight
+        self.previous = flat
+        self.total = estimate if self.total is None else self.total + estimate
+        self.total_sq += float(estimate.square().sum())
+        self.count += 1
+
+    def finish(self) -> tuple[float, float] | None:
+        """(var, mean_sq) of the step just ended (None under two micro-batches); resets."""
+        n, total, total_sq = self.count, self.total, self.total_sq
+        self.reset()
+        if n < 2 or total is None:
+            return None
+        mean_sq = float((total / n).square().sum())
+        return max(0.0, (total_sq - n * mean_sq) / (n - 1)), mean_sq
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run KRPO training as configured; return the summary (also written to summary.json)."""
     started = time.perf_counter()
@@ -144,7 +196,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         or PAPER_SYSTEM_PROMPT
     )
     train_rows, eval_rows = load_rows(
-        cfg.dataset, cfg.eval_dataset, cfg.train_size, cfg.eval_size, cfg.seed
+        cfg.dataset, cfg.eval_dataset, cfg.train_size, cfg.eval_size, cfg.seed, cfg.task()
     )
     reward_fn = load_reward_fn(cfg.reward)
     backend = resolve_backend(cfg.generation_backend, device)
@@ -194,10 +246,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     _, eval_ids = encode_prompts(tokenizer, [r["question"] for r in eval_rows], system_prompt)
     eval_answers = [r["answer"] for r in eval_rows]
-    if run["accuracy_before"] is None:
-        run["accuracy_before"] = greedy_accuracy(
+
+    def held_out_accuracy() -> float:
+        return greedy_accuracy(
             generator, tokenizer, eval_ids, eval_answers, cfg.max_new_tokens, cfg.eval_batch_size
         )
+
+    if run["accuracy_before"] is None:
+        run["accuracy_before"] = held_out_accuracy()
         print(f"held-out accuracy before training: {run['accuracy_before']:.3f}")
 
     G, P = cfg.group_size, cfg.prompts_per_step
@@ -215,6 +271,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         desc="krpo",
         dynamic_ncols=True,
     )
+    spread = GradientSpread(list(policy.parameters())) if cfg.log_grad_variance else None
+    last_eval = None
     for step in bar:
         t0 = time.perf_counter()
         # --- rollouts
@@ -234,6 +292,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         prompts = [train_texts[i] for i in picks for _ in range(G)]
         answers = [train_rows[i]["answer"] for i in picks for _ in range(G)]
         rewards = torch.tensor(compute_rewards(reward_fn, prompts, texts, answers))
+        clean_reward_mean = rewards.mean().item()
+        if cfg.reward_noise or cfg.reward_flip_rate:
+            noise_rng = torch.Generator().manual_seed(_sample_seed(cfg.seed, step) + 17)
+            rewards = add_reward_noise(rewards, cfg.reward_noise, cfg.reward_flip_rate, noise_rng)
         correct = exact_match_reward(prompts, texts, answers)
         advantages = group_advantages(
             rewards.to(device),
@@ -263,7 +325,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if ref is not None
                 else [None] * len(packed)
             )
-        losses, kls, clips, norms, skipped, bad = [], [], [], [], 0, False
+        losses, kls, clips, norms, spreads, skipped, bad = [], [], [], [], [], 0, False
         n_micro = len(chunks)
         for _ in range(cfg.epochs_per_step):
             for k, (c, p) in enumerate(zip(chunks, packed, strict=True)):
@@ -291,12 +353,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 )
                 if torch.isfinite(loss):
                     (loss * (len(c) / group_seqs)).backward()
+                    if spread is not None:
+                        spread.add(len(c) / group_seqs)
                     losses.append(loss.item())
                     kls.append(m["kl"].item())
                     clips.append(m["clip_fraction"].item())
                 else:
                     bad = True
                 if (k + 1) % accum == 0 or k + 1 == n_micro:
+                    if spread is not None and (result := spread.finish()) is not None:
+                        spreads.append(result)
                     norm = torch.nn.utils.clip_grad_norm_(
                         policy.parameters(), cfg.max_grad_norm or float("inf")
                     )
@@ -330,6 +396,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "train_tokens_per_s": cfg.epochs_per_step * sum(p.n_tokens for p in packed) / t_train,
             "step_time": time.perf_counter() - t0,
         }
+        if cfg.reward_noise or cfg.reward_flip_rate:
+            row["reward_clean_mean"] = clean_reward_mean
+        if spread is not None:
+            row["grad_var"] = _mean([v for v, _ in spreads])
+            row["grad_mean_sq"] = _mean([m for _, m in spreads])
+        if step + 1 == cfg.max_steps or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0):
+            row["eval_accuracy"] = last_eval = held_out_accuracy()
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         if skipped:
@@ -353,9 +426,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
     bar.close()
 
-    accuracy_after = greedy_accuracy(
-        generator, tokenizer, eval_ids, eval_answers, cfg.max_new_tokens, cfg.eval_batch_size
-    )
+    if last_eval is None:  # resumed from the final checkpoint: nothing ran
+        last_eval = held_out_accuracy()
+    accuracy_after = last_eval
     rows = _read_jsonl(metrics_path)
     if rows:
         plot_metrics(rows, out)

@@ -87,6 +87,10 @@ def test_bad_values(capsys, tmp_path):
     assert missing in err
     err = _one_line_error(capsys, ["eval", "--model", missing])
     assert missing in err
+    assert "--reward_flip_rate" in _one_line_error(capsys, ["train", "--reward_flip_rate", "2"])
+    assert "--reward_noise" in _one_line_error(capsys, ["train", "--reward_noise", "-1"])
+    err = _one_line_error(capsys, ["train", "--operators", "/"])
+    assert "--operators" in err and "subset of '+-*'" in err
 
 
 def test_malformed_dataset(capsys, tmp_path):

@@ -4,8 +4,15 @@ import math
 import sys
 
 import pytest
+import torch
 
-from krpo_fast.rewards import compute_rewards, exact_match_reward, graded_reward, load_reward_fn
+from krpo_fast.rewards import (
+    add_reward_noise,
+    compute_rewards,
+    exact_match_reward,
+    graded_reward,
+    load_reward_fn,
+)
 
 
 @pytest.mark.parametrize(
@@ -83,3 +90,25 @@ def test_compute_rewards_checks_results():
         compute_rewards(text, *args)
     with pytest.raises(ValueError, match="scalar returned float"):
         compute_rewards(scalar, *args)
+
+
+def test_reward_noise_flips_and_gaussian():
+    rewards = torch.tensor([0.0, 0.01, 0.5, 1.0] * 2500)
+    gen = torch.Generator().manual_seed(0)
+    flipped = add_reward_noise(rewards, 0.0, 1.0, gen)
+    assert torch.equal(flipped, 1.0 - rewards)
+    assert torch.equal(add_reward_noise(rewards, 0.0, 0.0, gen), rewards)
+    partly = add_reward_noise(rewards, 0.0, 0.25, gen)
+    changed = (partly != rewards) & (rewards != 0.5)
+    assert 0.2 < changed.float().sum() / (rewards != 0.5).sum() < 0.3
+    noisy = add_reward_noise(rewards, 0.3, 0.0, gen) - rewards
+    assert abs(noisy.mean()) < 0.02 and 0.28 < noisy.std() < 0.32
+    again = add_reward_noise(rewards, 0.3, 0.1, torch.Generator().manual_seed(5))
+    assert torch.equal(again, add_reward_noise(rewards, 0.3, 0.1, torch.Generator().manual_seed(5)))
+
+
+def test_reward_flips_need_unit_range():
+    with pytest.raises(ValueError, match="reward_flip_rate needs rewards in \\[0, 1\\]"):
+        add_reward_noise(torch.tensor([0.0, 2.0]), 0.0, 0.5, torch.Generator())
+    # Gaussian noise alone accepts any range.
+    add_reward_noise(torch.tensor([-3.0, 2.0]), 0.1, 0.0, torch.Generator())

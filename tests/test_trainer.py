@@ -12,6 +12,7 @@ import torch
 from krpo_fast.cli import main
 from krpo_fast.rollout import vllm_available
 from krpo_fast.tiny_model import bundled_model_path
+from krpo_fast.trainer import GradientSpread
 
 MODEL = str(bundled_model_path())
 TINY = [
@@ -111,3 +112,41 @@ def test_vllm_engine_weights_follow_the_policy(tmp_path, monkeypatch):
         assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
         assert any(not torch.equal(policy_before[k], policy_after[k]) for k in policy_before)
     assert json.loads((out / "summary.json").read_text())["generation_backend"] == "vllm"
+
+
+def test_gradient_spread_matches_direct_computation():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    params = list(model.parameters())
+    spread = GradientSpread(params)
+    chunks = [torch.randn(4, 5) for _ in range(3)] + [torch.randn(2, 5)]
+    weights = [len(c) / 14 for c in chunks]
+    estimates = []
+    for x, w in zip(chunks, weights, strict=True):
+        loss = model(x).square().mean()
+        estimates.append(
+            torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+        )
+        (loss * w).backward()
+        spread.add(w)
+    var, mean_sq = spread.finish()
+    g = torch.stack(estimates).double()
+    assert mean_sq == pytest.approx(float(g.mean(0).square().sum()), rel=1e-6)
+    assert var == pytest.approx(float(g.var(0).sum()), rel=1e-6)
+    assert spread.finish() is None  # reset after finish
+
+
+def test_noise_eval_steps_and_grad_variance_are_logged(tmp_path):
+    args = [*TINY, "--max_steps", "3", "--eval_steps", "2", "--generation_backend", "hf"]
+    noisy = ["--reward_noise", "0.2", "--reward_flip_rate", "0.3", "--log_grad_variance"]
+    assert main(["train", *args, *noisy, "--output_dir", str(tmp_path / "a")]) == 0
+    rows = _rows(tmp_path / "a")
+    assert [("eval_accuracy" in r) for r in rows] == [False, True, True]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["accuracy_after"] == rows[-1]["eval_accuracy"]
+    for r in rows:
+        assert r["grad_var"] > 0 and r["grad_mean_sq"] > 0
+        # The graded reward of 8 completions is a multiple of 0.005 (0, 0.01, 0.5, 1 each);
+        # noise moves the mean off that grid.
+        assert 0 <= r["reward_clean_mean"] <= 1
+        assert r["reward_mean"] != pytest.approx(r["reward_clean_mean"], abs=1e-9)
