@@ -52,19 +52,25 @@ def save_checkpoint(
     extra: dict[str, Any],
     copy_files: list[Path],
     keep: int,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: Any = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically and delete all but the newest ``keep`` (0: all)."""
+    """Write ``checkpoint-<step>`` atomically and delete all but the newest ``keep`` (0: all).
+
+    ``model_state`` and ``optimizer_state`` replace ``model.state_dict()`` and
+    ``optimizer.state_dict()`` (the gathered full states of a sharded FSDP2 run).
+    """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for path in copy_files:
         shutil.copy2(path, tmp / path.name)
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         **extra,
@@ -110,13 +116,17 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 
 def load_trainer_state(
-    path: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path, optimizer: torch.optim.Optimizer | None, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG states from ``path``; return the whole state."""
+    """Restore optimizer, scheduler and RNG states from ``path``; return the whole state.
+
+    With ``optimizer=None`` the caller loads ``state["optimizer"]`` itself (sharded runs).
+    """
     # Our own file, written by save_checkpoint: it holds numpy RNG arrays, hence not
     # weights_only.
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state

@@ -8,6 +8,7 @@ flags get argparse's usual one-line error.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from krpo_fast.config import EvalConfig, TrainConfig, parse_config
@@ -45,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = parse_config(TrainConfig, rest, "krpo-fast train", "Train with KRPO or GRPO.")
             summary = train(cfg)
             before, after = summary["accuracy_before"], summary["accuracy_after"]
-            print(
-                f"held-out accuracy: before {before:.3f}  after {after:.3f}  "
-                f"({summary['wall_time_s']:.0f} s, {cfg.output_dir})"
-            )
+            if os.environ.get("RANK", "0") == "0":  # one line per torchrun job, not per rank
+                print(
+                    f"held-out accuracy: before {before:.3f}  after {after:.3f}  "
+                    f"({summary['wall_time_s']:.0f} s, {cfg.output_dir})"
+                )
         else:
             cfg = parse_config(EvalConfig, rest, "krpo-fast eval", "Greedy held-out accuracy.")
             print(json.dumps(evaluate(cfg)))

@@ -87,6 +87,9 @@ class TrainConfig:
         "auto", "auto: vLLM when installed (measured faster, CPU too), else HF generate"
     )
     vllm_kv_cache_bytes: int = _f(256 << 20, "vLLM KV-cache size in bytes")
+    vllm_tensor_parallel_size: int = _f(
+        1, "GPUs one vLLM engine shards the model over (single-process runs on a multi-GPU node)"
+    )
     eval_batch_size: int = _f(64, "prompts per greedy evaluation batch")
     eval_steps: int = _f(
         0, "held-out greedy accuracy every N steps, logged as eval_accuracy; 0: start and end"
@@ -101,6 +104,11 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda")
     bf16: bool = _f(True, "bf16 autocast for the policy forward on CUDA (CPU is always fp32)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    fsdp: bool = _f(
+        False,
+        "under torchrun: shard parameters, gradients and optimizer state with FSDP2 "
+        "(fully_shard per decoder layer) instead of replicating them with DDP",
+    )
     torch_threads: int = _f(1, "CPU threads for torch; 0 keeps torch's default")
     save_steps: int = _f(50, "checkpoint every N steps (the final one is always saved); 0: final")
     save_total_limit: int = _f(2, "checkpoints kept (oldest deleted first); 0 keeps all")
@@ -131,6 +139,7 @@ class TrainConfig:
             "prompts_per_step",
             "group_size",
             "epochs_per_step",
+            "vllm_tensor_parallel_size",
             "max_new_tokens",
             "eval_batch_size",
             "train_size",

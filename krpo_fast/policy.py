@@ -13,10 +13,11 @@ import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from krpo_fast.logits_ops import selective_log_softmax
+from krpo_fast.logits_ops import policy_loss_from_hidden, selective_log_softmax
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -113,3 +114,59 @@ def completion_logprobs(
         hidden = completion_hidden(model, batch)
     logits = hidden @ model.get_output_embeddings().weight.to(hidden.dtype).T
     return selective_log_softmax(logits, batch.targets, temperature) * batch.mask
+
+
+class PolicyLoss(torch.nn.Module):
+    """A causal LM plus the fused clipped-surrogate loss, as one module to wrap.
+
+    DDP and FSDP2 hook ``forward``: computing the LM-head loss inside it means the
+    (possibly tied) output embedding is unsharded while it is used and its gradient is
+    synchronised with the others. Called without ``advantages`` it returns the
+    completion log-probs instead (old/ref log-probs, under ``torch.no_grad``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        temperature: float,
+        eps_low: float,
+        eps_high: float,
+        beta: float,
+        loss_agg: str,
+        max_len: int,
+        autocast: contextlib.AbstractContextManager | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature, self.eps_low, self.eps_high = temperature, eps_low, eps_high
+        self.beta, self.loss_agg, self.max_len = beta, loss_agg, max_len
+        self.autocast = autocast or contextlib.nullcontext()
+
+    def forward(
+        self,
+        batch: PackedBatch,
+        advantages: torch.Tensor | None = None,
+        old_logp: torch.Tensor | None = None,
+        ref_logp: torch.Tensor | None = None,
+    ) -> Any:
+        """(loss, metrics) of ``policy_loss_from_hidden``; [b, T] log-probs without advantages."""
+        if advantages is None:
+            return completion_logprobs(self.model, batch, self.temperature, self.autocast)
+        with self.autocast:
+            hidden = completion_hidden(self.model, batch)
+        weight = self.model.get_output_embeddings().weight
+        return policy_loss_from_hidden(
+            hidden,
+            weight.to(hidden.dtype),
+            batch.targets,
+            old_logp,
+            ref_logp,
+            advantages,
+            batch.mask,
+            temperature=self.temperature,
+            eps_low=self.eps_low,
+            eps_high=self.eps_high,
+            beta=self.beta,
+            loss_agg=self.loss_agg,
+            max_len=self.max_len,
+        )

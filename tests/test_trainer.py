@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from krpo_fast.cli import main
+from krpo_fast.policy import load_policy
 from krpo_fast.rollout import vllm_available
 from krpo_fast.tiny_model import bundled_model_path
 from krpo_fast.trainer import GradientSpread
@@ -86,15 +87,18 @@ def test_vllm_engine_weights_follow_the_policy(tmp_path, monkeypatch):
     synced = []
     original = VLLMGenerator.sync
 
-    def sync_and_record(self, model):
-        original(self, model)
-        weights = self.llm.collective_rpc(
+    policy = load_policy(MODEL, torch.device("cpu"), trainable=False)
+
+    def sync_and_record(self, weights):
+        original(self, weights)
+        engine = self.llm.collective_rpc(
             lambda w: [p.detach().clone() for p in w.model_runner.get_model().parameters()]
         )[0]
-        synced.append((weights, {k: v.clone() for k, v in model.state_dict().items()}))
+        synced.append((engine, {k: v.clone() for k, v in weights.items()}))
         # The engine must decode exactly what the policy would (greedy).
-        prompt = [[model.config.bos_token_id, 5, 6, 7]]
-        hf = HFGenerator(model, self.llm.get_tokenizer())
+        policy.load_state_dict(weights)
+        prompt = [[policy.config.bos_token_id, 5, 6, 7]]
+        hf = HFGenerator(policy, self.llm.get_tokenizer())
         assert self.generate(prompt, 1, 0.0, 1.0, 8, 0) == hf.generate(prompt, 1, 0.0, 1.0, 8, 0)
 
     monkeypatch.setattr(VLLMGenerator, "sync", sync_and_record)
