@@ -1,4 +1,4 @@
-"""Command line: ``krpo-fast train``, ``krpo-fast eval`` and ``krpo-fast bench``.
+"""Command line: ``krpo-fast train``, ``eval``, ``bench`` and ``study``.
 
 Bad input (a missing model, malformed dataset rows, a broken reward function, a bad
 config value) ends with one line ``error: <message>`` and exit status 2; unknown
@@ -13,12 +13,14 @@ import sys
 
 from krpo_fast.config import EvalConfig, TrainConfig, parse_config
 
-USAGE = """usage: krpo-fast {train,eval,bench} [flags]
+USAGE = """usage: krpo-fast {train,eval,bench,study} [flags]
 
   train   KRPO/GRPO training (krpo-fast train --help lists every flag)
   eval    greedy held-out accuracy of a model (krpo-fast eval --help)
   bench   benchmark the ops against the paper, eager torch, torch.compile and Liger
           (krpo-fast bench --help)
+  study   GRPO-vs-KRPO study over seeds, task difficulties and reward noise, with a
+          report checking the paper's claims (krpo-fast study --help)
 """
 
 
@@ -28,13 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command not in ("train", "eval", "bench"):
+    if command not in ("train", "eval", "bench", "study"):
         print(USAGE + f"krpo-fast: error: unknown command {command!r}", file=sys.stderr)
         return 2
     if command == "bench":
         from krpo_fast.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "study":
+        from krpo_fast.study import main as study_main
+
+        return study_main(rest)
     from transformers.utils import logging as hf_logging
 
     from krpo_fast.trainer import evaluate, train
