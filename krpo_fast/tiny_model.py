@@ -1,12 +1,24 @@
 """The bundled tiny model: a character-level Llama SFT-pretrained on the arithmetic task.
 
 ``python -m krpo_fast.tiny_model --output krpo_fast/assets/tiny_llama`` rebuilds it from a
-fixed seed: it builds the tokenizer and a small ``LlamaForCausalLM``, trains it with
+fixed seed: it builds the tokenizer and a small ``LlamaForCausalLM`` and trains it with
 supervised fine-tuning on :data:`krpo_fast.data.DEFAULT_TASK` (loss on completion tokens
-only), and stops as soon as held-out greedy accuracy reaches a target that leaves room for
-RL to improve it. The folder it writes loads offline with ``AutoTokenizer`` and
-``AutoModelForCausalLM``; its ``krpo_fast.json`` holds the system prompt the model was
-trained with (the trainer's default for it) and the training recipe and results.
+only), until a held-out greedy accuracy target or ``max_steps``.
+
+The SFT targets mix two completion formats on purpose, chosen per row by a seeded draw
+whose odds depend on the question's operator (``Recipe.tagged_fraction``): the tagged
+``<think>12+7=19</think><answer>19</answer>`` and the untagged
+``<think>12+7=19</think>19``, which the graded reward scores 0 and exact match counts as
+wrong. The bundled model saw 90% tagged rows for ``+`` questions and 30% for ``-`` ones,
+so greedy decoding tags ``+`` answers and leaves ``-`` answers bare, while sampling still
+tags ``-`` answers now and then: RL can raise the tagged accuracy by learning the format
+on ``-`` questions, besides any arithmetic it learns. :func:`evaluate` reports the tagged
+accuracy, the well-formed rate and the answer-anywhere accuracy (tag or bare answer) to
+tell the two apart.
+
+The folder it writes loads offline with ``AutoTokenizer`` and ``AutoModelForCausalLM``;
+its ``krpo_fast.json`` holds the system prompt the model was trained with (the trainer's
+default for it), the completion formats and mix, and the training recipe and results.
 """
 
 from __future__ import annotations
@@ -117,19 +129,47 @@ def build_model(tokenizer: Any, seed: int) -> Any:
     return LlamaForCausalLM(config)
 
 
-def completion_text(row: dict[str, Any]) -> str:
-    """The SFT target for a row: the expression worked out in the think, then the answer."""
-    return f"<think>{row['question']}={row['answer']}</think><answer>{row['answer']}</answer>"
+TAGGED_FORMAT = "<think>{question}={answer}</think><answer>{answer}</answer>"
+UNTAGGED_FORMAT = "<think>{question}={answer}</think>{answer}"
+_OPERATOR_NAMES = {"+": "plus", "-": "minus", "*": "times"}
+
+
+def completion_text(row: dict[str, Any], tagged: bool = True) -> str:
+    """The SFT target for a row: the expression worked out in the think, then the answer,
+    inside ``<answer>`` tags (``tagged``) or written bare after the think."""
+    template = TAGGED_FORMAT if tagged else UNTAGGED_FORMAT
+    return template.format(question=row["question"], answer=row["answer"])
+
+
+def question_operator(question: str) -> str:
+    """The first operator of an arithmetic question (a leading minus sign is not one)."""
+    for ch in question[1:]:
+        if ch in _OPERATOR_NAMES:
+            return ch
+    raise ValueError(f"no operator in {question!r}")
+
+
+def final_answer(completion: str) -> str | None:
+    """The answer a completion gives, read from anywhere: the ``<answer>`` tag's content
+    when there is one, else the bare text after the last ``</think>`` (None without it)."""
+    from krpo_fast.rewards import _answer_tag
+
+    tag = _answer_tag(completion)
+    if tag is not None:
+        return tag
+    head, sep, tail = completion.rpartition("</think>")
+    return tail.strip() if sep else None
 
 
 def _sft_batch(
-    tokenizer: Any, rows: list[dict[str, Any]], system_prompt: str
+    tokenizer: Any, rows: list[dict[str, Any]], system_prompt: str, tagged: list[bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (-100 outside the completion)."""
     sequences, n_prompt = [], []
-    for row in rows:
+    for row, row_tagged in zip(rows, tagged, strict=True):
         prompt = tokenizer.encode(format_prompt(tokenizer, row["question"], system_prompt))
-        completion = tokenizer.encode(completion_text(row)) + [tokenizer.eos_token_id]
+        completion = tokenizer.encode(completion_text(row, row_tagged))
+        completion.append(tokenizer.eos_token_id)
         sequences.append(prompt + completion)
         n_prompt.append(len(prompt))
     length = max(map(len, sequences))
@@ -187,10 +227,12 @@ def evaluate(
     num_samples: int = 1,
     temperature: float = 0.0,
 ) -> dict[str, float]:
-    """Accuracy (first sample), pass@num_samples and the well-formed-tags rate on ``rows``.
+    """Accuracy (first sample), pass@num_samples, the well-formed-tags rate and the
+    answer-anywhere accuracy (first sample) on ``rows``.
 
-    A completion is correct when its stripped ``<answer>`` content equals the answer, and
-    well formed when it has an ``<answer>...</answer>`` tag (a non-zero graded reward).
+    A completion is correct when its stripped ``<answer>`` content equals the answer, well
+    formed when it has an ``<answer>...</answer>`` tag (a non-zero graded reward), and
+    correct anywhere when :func:`final_answer` (tag or bare text after the think) equals it.
     """
     from krpo_fast.rewards import exact_match_reward, graded_reward
 
@@ -200,11 +242,12 @@ def evaluate(
         model, tokenizer, [r["question"] for r in rows], system_prompt, num_samples, temperature
     )
     model.train(was_training)
-    first, any_correct, formed, total = 0.0, 0.0, 0.0, 0
+    first, anywhere, any_correct, formed, total = 0.0, 0.0, 0.0, 0.0, 0
     for row, completions in zip(rows, samples, strict=True):
         answers = [row["answer"]] * len(completions)
         correct = exact_match_reward([], completions, answers)
         first += correct[0]
+        anywhere += final_answer(completions[0]) == row["answer"]
         any_correct += max(correct)
         formed += sum(r > 0 for r in graded_reward([], completions, answers))
         total += len(completions)
@@ -213,6 +256,7 @@ def evaluate(
         "accuracy": first / n,
         f"pass@{num_samples}": any_correct / n,
         "well_formed": formed / total,
+        "anywhere_accuracy": anywhere / n,
     }
 
 
@@ -224,10 +268,18 @@ class Recipe:
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 20
-    max_steps: int = 1400
-    eval_every: int = 25
+    max_steps: int = 1900
+    eval_every: int = 100
     n_eval: int = 200
-    target_accuracy: float = 0.25
+    # Stop early once this greedy metric ("accuracy": tagged and exact, or
+    # "anywhere_accuracy", see evaluate) reaches the target; the bundled build never did.
+    target_accuracy: float = 0.65
+    target_metric: str = "anywhere_accuracy"
+    # Share of SFT rows in the tagged format, per operator of the question; the rest
+    # end with the bare answer after the think (UNTAGGED_FORMAT).
+    tagged_fraction: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"+": 0.9, "-": 0.3, "*": 1.0}
+    )
     task: ArithmeticTask = DEFAULT_TASK
     system_prompt: str = TINY_SYSTEM_PROMPT
 
@@ -239,6 +291,8 @@ def pretrain(recipe: Recipe, output: Path, command: str = "") -> dict[str, Any]:
     model = build_model(tokenizer, recipe.seed)
     _, test_rows = make_arithmetic_splits(0, recipe.n_eval, recipe.seed, recipe.task)
     rng = random.Random(recipe.seed)
+    # Formats come from their own stream, so the questions do not depend on the mix.
+    style_rng = random.Random(f"style-{recipe.seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     # Linear warm-up, then linear decay to a tenth: a constant rate left loss spikes late on.
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -256,7 +310,11 @@ def pretrain(recipe: Recipe, output: Path, command: str = "") -> dict[str, Any]:
             row = recipe.task.sample(rng)
             if not is_test_question(row["question"]):
                 rows.append(row)
-        ids, mask, labels = _sft_batch(tokenizer, rows, recipe.system_prompt)
+        tagged = [
+            style_rng.random() < recipe.tagged_fraction[question_operator(r["question"])]
+            for r in rows
+        ]
+        ids, mask, labels = _sft_batch(tokenizer, rows, recipe.system_prompt, tagged)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -269,20 +327,27 @@ def pretrain(recipe: Recipe, output: Path, command: str = "") -> dict[str, Any]:
             elapsed = time.perf_counter() - started
             print(
                 f"step {step} loss {loss.item():.4f} greedy accuracy {greedy['accuracy']:.3f} "
-                f"well-formed {greedy['well_formed']:.3f} ({elapsed:.0f} s)",
+                f"well-formed {greedy['well_formed']:.3f} "
+                f"anywhere {greedy['anywhere_accuracy']:.3f} ({elapsed:.0f} s)",
                 flush=True,
             )
-            if greedy["accuracy"] >= recipe.target_accuracy:
+            if greedy[recipe.target_metric] >= recipe.target_accuracy:
                 break
     torch.manual_seed(recipe.seed)  # generate() samples from torch's global RNG
     sampled = evaluate(model, tokenizer, test_rows, recipe.system_prompt, 8, 1.0)
+    torch.manual_seed(recipe.seed)
+    sampled_t07 = evaluate(model, tokenizer, test_rows, recipe.system_prompt, 8, 0.7)
     results = {
         "steps": step,
         "greedy_accuracy": greedy.get("accuracy"),
         "greedy_well_formed": greedy.get("well_formed"),
+        "greedy_anywhere_accuracy": greedy.get("anywhere_accuracy"),
         "sampled_accuracy_t1": sampled["accuracy"],
         "pass@8_t1": sampled["pass@8"],
         "sampled_well_formed_t1": sampled["well_formed"],
+        "sampled_anywhere_accuracy_t1": sampled["anywhere_accuracy"],
+        "pass@8_t0.7": sampled_t07["pass@8"],
+        "sampled_well_formed_t0.7": sampled_t07["well_formed"],
         "n_eval": recipe.n_eval,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -319,7 +384,11 @@ def save(
     del recipe_dict["system_prompt"]
     meta = {
         "system_prompt": recipe.system_prompt,
-        "completion_format": "<think>{question}={answer}</think><answer>{answer}</answer>",
+        "completion_format": {
+            "tagged": TAGGED_FORMAT,
+            "untagged": UNTAGGED_FORMAT,
+            "tagged_fraction_by_operator": recipe.tagged_fraction,
+        },
         "recipe": recipe_dict,
         "results": results,
         "command": command,
@@ -337,6 +406,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-accuracy", type=float, default=Recipe.target_accuracy)
     parser.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     parser.add_argument("--lr", type=float, default=Recipe.lr)
+    parser.add_argument("--eval-every", type=int, default=Recipe.eval_every)
+    parser.add_argument(
+        "--target-metric", choices=["accuracy", "anywhere_accuracy"], default=Recipe.target_metric
+    )
+    default_mix = Recipe().tagged_fraction
+    for op, name in _OPERATOR_NAMES.items():
+        parser.add_argument(
+            f"--tagged-{name}",
+            type=float,
+            default=default_mix[op],
+            help=f"share of SFT rows whose first operator is {op!r} in the tagged format",
+        )
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "krpo_fast.tiny_model", *sys.argv[1:]])
     print("command:", command, flush=True)
@@ -348,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         max_steps=args.max_steps,
         target_accuracy=args.target_accuracy,
+        eval_every=args.eval_every,
+        target_metric=args.target_metric,
+        tagged_fraction={op: getattr(args, f"tagged_{n}") for op, n in _OPERATOR_NAMES.items()},
     )
     results = pretrain(recipe, args.output, command)
     print("result:", json.dumps(results))

@@ -9,9 +9,13 @@ from krpo_fast.data import format_prompt
 from krpo_fast.rewards import graded_reward
 from krpo_fast.tiny_model import (
     TINY_SYSTEM_PROMPT,
+    Recipe,
     build_tokenizer,
     bundled_model_path,
+    completion_text,
+    final_answer,
     load_model_defaults,
+    question_operator,
 )
 
 
@@ -77,3 +81,21 @@ def test_bundled_model_completes_with_well_formed_tags(bundled):
     completion = tokenizer.decode(new, skip_special_tokens=True)
     assert completion.startswith("<think>")
     assert graded_reward([prompt], [completion], ["7"])[0] > 0  # has an <answer> tag
+
+
+def test_completion_formats_and_answer_anywhere():
+    row = {"question": "12-30", "answer": "-18"}
+    tagged, bare = completion_text(row), completion_text(row, tagged=False)
+    assert tagged == "<think>12-30=-18</think><answer>-18</answer>"
+    assert bare == "<think>12-30=-18</think>-18"
+    assert graded_reward([], [tagged, bare], ["-18"] * 2) == [1.0, 0.0]  # no tag, no reward
+    assert final_answer(tagged) == final_answer(bare) == "-18"
+    assert final_answer("<think>1+2=3") is None
+    assert question_operator("12-30") == "-" and question_operator("7+8") == "+"
+
+
+def test_bundled_recipe_mixes_formats_by_operator():
+    defaults = load_model_defaults(bundled_model_path())
+    mix = defaults["completion_format"]["tagged_fraction_by_operator"]
+    assert mix == defaults["recipe"]["tagged_fraction"] == Recipe().tagged_fraction
+    assert mix["-"] < 0.5 < mix["+"]  # greedy tags "+" questions, not "-" ones
