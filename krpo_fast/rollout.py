@@ -206,16 +206,3 @@ def greedy_correct(
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         correct += exact_match_reward([], texts, answers[start : start + batch_size])
     return correct
-
-
-def greedy_accuracy(
-    generator: Generator,
-    tokenizer: Any,
-    prompt_ids: Sequence[list[int]],
-    answers: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int,
-) -> float:
-    """Fraction (0-1) of prompts whose greedy completion's <answer> equals the answer."""
-    correct = greedy_correct(generator, tokenizer, prompt_ids, answers, max_new_tokens, batch_size)
-    return sum(correct) / len(prompt_ids)

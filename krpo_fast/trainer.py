@@ -38,7 +38,6 @@ from krpo_fast.rollout import (
     Generator,
     HFGenerator,
     VLLMGenerator,
-    greedy_accuracy,
     greedy_correct,
     resolve_backend,
 )
@@ -562,7 +561,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     policy = load_policy(model_path, device, trainable=False)
     generator = make_generator(backend, model_path, policy, tokenizer, device, cfg, None)
     _, ids = encode_prompts(tokenizer, [r["question"] for r in rows], system_prompt)
-    accuracy = greedy_accuracy(
+    correct = greedy_correct(
         generator,
         tokenizer,
         ids,
@@ -571,7 +570,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         cfg.eval_batch_size,
     )
     return {
-        "accuracy": accuracy,
+        "accuracy": sum(correct) / len(rows),
         "n": len(rows),
         "model": model_path,
         "generation_backend": backend,
