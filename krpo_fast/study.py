@@ -58,10 +58,10 @@ CONDITIONS = tuple(f"{d}-{n}" for d in DIFFICULTIES for n in ("clean", "noisy"))
 PRESETS = {
     "full": {
         "seeds": 5,
-        "max_steps": 25,
+        "max_steps": 50,
         "prompts_per_step": 8,
-        "eval_size": 100,
-        "eval_steps": 5,
+        "eval_size": 200,
+        "eval_steps": 10,
         "max_new_tokens": 48,
     },
     "quick": {
@@ -678,7 +678,7 @@ def _parser() -> argparse.ArgumentParser:
         "--threshold_gain",
         type=float,
         default=0.05,
-        help="steps to threshold: accuracy before training + this (default 0.03)",
+        help="steps to threshold: accuracy before training + this (default 0.05)",
     )
     p.add_argument(
         "--generation_backend",
