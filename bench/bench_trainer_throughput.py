@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import krpo_fast.policy as krpo_policy
 import krpo_fast.trainer as krpo_trainer
 from krpo_fast.config import TrainConfig
 from krpo_fast.data import format_prompt, make_arithmetic_splits
@@ -175,9 +176,9 @@ def run_krpo(
     with contextlib.ExitStack() as stack:
         stack.enter_context(
             _patched(
-                krpo_trainer,
+                krpo_policy,
                 "completion_logprobs",
-                _timed_nograd(krpo_trainer.completion_logprobs, logprob_s),
+                _timed_nograd(krpo_policy.completion_logprobs, logprob_s),
             )
         )
         swap = OPS[ops]
@@ -185,7 +186,7 @@ def run_krpo(
         if swap is not None:
             adv, loss = (_timed(fn, calls) for fn in swap)
             stack.enter_context(_patched(krpo_trainer, "group_advantages", adv))
-            stack.enter_context(_patched(krpo_trainer, "policy_loss_from_hidden", loss))
+            stack.enter_context(_patched(krpo_policy, "policy_loss_from_hidden", loss))
         krpo_trainer.train(cfg)
     # The swap took: one advantage call per step, one loss call per micro-batch.
     assert swap is None or len(calls) >= 2 * args.steps, len(calls)
