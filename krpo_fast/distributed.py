@@ -12,6 +12,7 @@ engine creates its own one-rank group.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -55,6 +56,9 @@ def shutdown() -> None:
     destroys its own groups, which fails once the default group is gone)."""
     global _owned
     if _active() and "vllm" not in sys.modules:
+        # Collect the wrapped modules first (their reference cycles hold the group): without
+        # this, 2-rank FSDP2 runs on gloo aborted at exit about 1 time in 10; 0 in 15 with it.
+        gc.collect()
         dist.destroy_process_group()
     _owned = False
 

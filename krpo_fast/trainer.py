@@ -238,7 +238,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     setup(cfg.torch_threads)
     rank, world, device = distributed.setup(resolve_device(cfg.device))
     try:
-        return _train(cfg, rank, world, device, started)
+        summary = _train(cfg, rank, world, device, started)
+        distributed.barrier()  # no rank tears the group down while another still uses it
+        return summary
     finally:
         distributed.shutdown()
 

@@ -73,4 +73,5 @@ if __name__ == "__main__":
     grads = step_gradients(rank, world, mode == "fsdp")
     if rank == 0:
         torch.save({"world": world, "grads": grads}, out)
+    distributed.barrier()  # no rank tears the group down while another still uses it
     distributed.shutdown()
