@@ -122,21 +122,21 @@ def gather(values: torch.Tensor) -> torch.Tensor:
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict of the HF model inside ``model`` (every rank must call it).
-
-    FSDP2 parameters are gathered to full tensors; DDP's are already whole.
+    """The unsharded state dict of ``model``, the HF model itself rather than its wrapper
+    (every rank must call it). FSDP2 parameters are gathered to full tensors; DDP's and a
+    single process's are already whole.
     """
+    if not is_sharded(model):
+        return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    inner = unwrap(model)
-    if not is_sharded(inner):
-        return inner.state_dict()
-    return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
-    """The optimizer state in the single-process layout, loadable at any world size."""
-    if not is_sharded(unwrap(model)):
+    """The optimizer state of ``model`` (the HF model) in the single-process layout,
+    loadable at any world size."""
+    if not is_sharded(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -144,7 +144,7 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     )
 
     return get_optimizer_state_dict(
-        unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True)
+        model, optimizer, options=StateDictOptions(full_state_dict=True)
     )
 
 
@@ -152,7 +152,7 @@ def load_optimizer_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Any
 ) -> None:
     """Load a :func:`full_optimizer_state` into this rank's (possibly sharded) optimizer."""
-    if not is_sharded(unwrap(model)):
+    if not is_sharded(model):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import (
@@ -161,13 +161,8 @@ def load_optimizer_state(
     )
 
     set_optimizer_state_dict(
-        unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True)
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
     )
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (FSDP2 modules are their own wrappers)."""
-    return getattr(model, "module", model)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
