@@ -112,18 +112,10 @@ def _loss_vectorised(
     return loss, {"kl": zero, "clip_fraction": zero}
 
 
-def _adv_paper(rewards: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    return group_advantages_reference(rewards, **kwargs)
-
-
-def _adv_vectorised(rewards: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    return group_advantages_eager(rewards, **kwargs)
-
-
 OPS: dict[str, tuple[Callable[..., Any], Callable[..., Any]] | None] = {
     "fused": None,
-    "eager-paper": (_adv_paper, _loss_paper),
-    "eager-vectorised": (_adv_vectorised, _loss_vectorised),
+    "eager-paper": (group_advantages_reference, _loss_paper),
+    "eager-vectorised": (group_advantages_eager, _loss_vectorised),
 }
 
 
@@ -137,13 +129,15 @@ def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
         setattr(obj, name, old)
 
 
-def _timed_nograd(fn: Callable[..., Any], sink: list[float]) -> Callable[..., Any]:
-    """Wrap ``fn``: add its seconds to ``sink`` when it runs without autograd."""
+def _timed(
+    fn: Callable[..., Any], sink: list[float], nograd_only: bool = False
+) -> Callable[..., Any]:
+    """Wrap ``fn``: add its seconds to ``sink`` (only calls without autograd: nograd_only)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
-        if not torch.is_grad_enabled():
+        if not (nograd_only and torch.is_grad_enabled()):
             sink.append(time.perf_counter() - t0)
         return out
 
@@ -178,7 +172,7 @@ def run_krpo(
             _patched(
                 krpo_policy,
                 "completion_logprobs",
-                _timed_nograd(krpo_policy.completion_logprobs, logprob_s),
+                _timed(krpo_policy.completion_logprobs, logprob_s, nograd_only=True),
             )
         )
         swap = OPS[ops]
@@ -288,8 +282,8 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> list[Step]:
     gen_s: list[float] = []
     logprob_s: list[float] = []
     trainer._generate = _timed(trainer._generate, gen_s)
-    trainer._get_per_token_logps_and_entropies = _timed_nograd(
-        trainer._get_per_token_logps_and_entropies, logprob_s
+    trainer._get_per_token_logps_and_entropies = _timed(
+        trainer._get_per_token_logps_and_entropies, logprob_s, nograd_only=True
     )
     steps: list[Step] = []
 
@@ -311,16 +305,6 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> list[Step]:
         s["tokens"] = mean_len * args.prompts * args.group
         s["train"] = s["step"] - s["gen"] - s["logprob"]
     return steps
-
-
-def _timed(fn: Callable[..., Any], sink: list[float]) -> Callable[..., Any]:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        sink.append(time.perf_counter() - t0)
-        return out
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------- report
