@@ -3,18 +3,18 @@ torch.compile and krpo-fast, forward only (advantages are not differentiated).""
 
 import pytest
 import torch
+from eager import group_advantages_eager
+from harness import compiled, device, generator, impls, rotation, run_case, shape_id, sizes
 
 from krpo_fast import group_advantages
-from krpo_fast.bench import compiled, device, generator, impls, rotation, run_case, shape_id, sizes
-from krpo_fast.eager import group_advantages_eager
 from krpo_fast.ops import ADVANTAGE_MODES
 from krpo_fast.reference import group_advantages_reference
 
 IMPLEMENTATIONS = {
-    "paper": lambda r, g, m: group_advantages_reference(r, g, mode=m),
-    "eager": group_advantages_eager,
-    "compile": lambda r, g, m: compiled(group_advantages_eager)(r, g, m),
-    "krpo-fast": lambda r, g, m: group_advantages(r, g, mode=m),
+    "paper": lambda r, g, m: group_advantages_reference(r, group_size=g, mode=m),
+    "eager": lambda r, g, m: group_advantages_eager(r, group_size=g, mode=m),
+    "compile": lambda r, g, m: compiled(group_advantages_eager)(r, group_size=g, mode=m),
+    "krpo-fast": lambda r, g, m: group_advantages(r, group_size=g, mode=m),
 }
 
 

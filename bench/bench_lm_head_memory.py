@@ -83,7 +83,7 @@ def main() -> None:
     old = logp + 0.05 * torch.randn(B, T, generator=gen).to(device)
     ref = logp + 0.05 * torch.randn(B, T, generator=gen).to(device)
     del logp
-    advantages = group_advantages_reference(torch.rand(B, generator=gen), B).to(device)
+    advantages = group_advantages_reference(torch.rand(B, generator=gen), group_size=B).to(device)
     losses = {}
 
     def eager() -> None:
@@ -104,7 +104,7 @@ def main() -> None:
                 ref,
                 advantages,
                 mask,
-                args.temperature,
+                temperature=args.temperature,
                 chunk_size=chunk,
             )
             loss.backward()

@@ -11,8 +11,12 @@ on hidden states) with its defaults set to ours: temperature 1.0, eps_low = eps_
 
 import pytest
 import torch
-
-from krpo_fast.bench import (
+from eager import (
+    policy_loss_from_hidden_eager,
+    policy_loss_from_logits_eager,
+    selective_log_softmax_eager,
+)
+from harness import (
     compiled,
     device,
     dtype_id,
@@ -24,11 +28,7 @@ from krpo_fast.bench import (
     shape_id,
     sizes,
 )
-from krpo_fast.eager import (
-    policy_loss_from_hidden_eager,
-    policy_loss_from_logits_eager,
-    selective_log_softmax_eager,
-)
+
 from krpo_fast.logits_ops import (
     policy_loss_from_hidden,
     policy_loss_from_logits,
@@ -124,8 +124,8 @@ def test_selective_log_softmax(benchmark, impl, mode, dtype, shape) -> None:
 
 
 def _paper_from_logits(z, ids, old, ref, adv, mask):
-    logp = token_logprobs_reference(z, ids, TEMPERATURE)
-    return policy_loss_reference(logp, old, ref, adv, mask, EPS, EPS, BETA)[0]
+    logp = token_logprobs_reference(z, ids, temperature=TEMPERATURE)
+    return policy_loss_reference(logp, old, ref, adv, mask, eps_low=EPS, eps_high=EPS, beta=BETA)[0]
 
 
 def _liger_from_logits(full, ids, old, ref, adv, mask):

@@ -4,9 +4,8 @@ forward + backward (the gradient of the log-probs)."""
 
 import pytest
 import torch
-
-from krpo_fast import krpo_loss, policy_loss
-from krpo_fast.bench import (
+from eager import krpo_loss_eager, policy_loss_eager
+from harness import (
     compiled,
     device,
     dtype_id,
@@ -18,7 +17,8 @@ from krpo_fast.bench import (
     shape_id,
     sizes,
 )
-from krpo_fast.eager import krpo_loss_eager, policy_loss_eager
+
+from krpo_fast import krpo_loss, policy_loss
 from krpo_fast.reference import group_advantages_reference, policy_loss_reference
 
 GROUP_SIZE = 8
@@ -26,7 +26,7 @@ PASSES = ("fwd", "fwd+bwd")
 
 
 def _paper_krpo(logp, old, ref, rewards, mask):
-    advantages = group_advantages_reference(rewards, GROUP_SIZE)
+    advantages = group_advantages_reference(rewards, group_size=GROUP_SIZE)
     return policy_loss_reference(logp, old, ref, advantages, mask)[0]
 
 
@@ -38,9 +38,11 @@ POLICY = {
 }
 KRPO = {
     "paper": _paper_krpo,
-    "eager": lambda lp, old, ref, r, m: krpo_loss_eager(lp, old, ref, r, m, GROUP_SIZE),
-    "compile": lambda lp, old, ref, r, m: compiled(krpo_loss_eager)(lp, old, ref, r, m, GROUP_SIZE),
-    "krpo-fast": lambda lp, old, ref, r, m: krpo_loss(lp, old, ref, r, m, GROUP_SIZE)[0],
+    "eager": lambda lp, old, ref, r, m: krpo_loss_eager(lp, old, ref, r, m, group_size=GROUP_SIZE),
+    "compile": lambda lp, old, ref, r, m: compiled(krpo_loss_eager)(
+        lp, old, ref, r, m, group_size=GROUP_SIZE
+    ),
+    "krpo-fast": lambda lp, old, ref, r, m: krpo_loss(lp, old, ref, r, m, group_size=GROUP_SIZE)[0],
 }
 
 

@@ -7,7 +7,7 @@ What is measured, side by side in one process (variants alternate, round after r
   ``policy_loss_from_hidden`` swapped for the paper-style references
   (``group_advantages_reference``; full logits ``hidden @ W.T`` ->
   ``token_logprobs_reference`` -> ``policy_loss_reference``).
-- ``krpo-fast eager (vectorised)``: the same with ``krpo_fast.eager``'s batched torch
+- ``krpo-fast eager (vectorised)``: the same with ``bench/eager.py``'s batched torch
   (``group_advantages_eager``; full logits -> ``selective_log_softmax_eager`` ->
   ``policy_loss_eager``).
 - ``TRL GRPOTrainer``: plain ``trl.GRPOTrainer`` (HF generate, ``use_vllm=False``) on the
@@ -41,12 +41,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from eager import group_advantages_eager, policy_loss_eager, selective_log_softmax_eager
 
 import krpo_fast.policy as krpo_policy
 import krpo_fast.trainer as krpo_trainer
 from krpo_fast.config import TrainConfig
 from krpo_fast.data import format_prompt, make_arithmetic_splits
-from krpo_fast.eager import group_advantages_eager, policy_loss_eager, selective_log_softmax_eager
 from krpo_fast.reference import (
     group_advantages_reference,
     policy_loss_reference,
@@ -72,6 +72,7 @@ def _loss_paper(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    *,
     temperature: float = 1.0,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
@@ -81,9 +82,18 @@ def _loss_paper(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Full logits, then the paper-style log-probs and loss (the trainer's signature)."""
     logits = hidden @ weight.T
-    logp = token_logprobs_reference(logits, targets, temperature)
+    logp = token_logprobs_reference(logits, targets, temperature=temperature)
     return policy_loss_reference(
-        logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_agg, max_len
+        logp,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta=beta,
+        loss_agg=loss_agg,
+        max_len=max_len,
     )
 
 
@@ -95,6 +105,7 @@ def _loss_vectorised(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    *,
     temperature: float = 1.0,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
@@ -102,12 +113,14 @@ def _loss_vectorised(
     loss_agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Full logits, then ``krpo_fast.eager`` (seq-mean-token-mean only)."""
+    """Full logits, then ``bench/eager.py`` (seq-mean-token-mean only)."""
     assert loss_agg == "seq-mean-token-mean", loss_agg
-    logp = selective_log_softmax_eager(hidden @ weight.T, targets, temperature)
+    logp = selective_log_softmax_eager(hidden @ weight.T, targets, temperature=temperature)
     old = logp.detach() if old_logp is None else old_logp
     ref = logp.detach() if ref_logp is None else ref_logp
-    loss = policy_loss_eager(logp, old, ref, advantages, mask, eps_low, eps_high, beta)
+    loss = policy_loss_eager(
+        logp, old, ref, advantages, mask, eps_low=eps_low, eps_high=eps_high, beta=beta
+    )
     zero = torch.zeros((), device=loss.device)
     return loss, {"kl": zero, "clip_fraction": zero}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from krpo_fast.config import EvalConfig, TrainConfig, parse_config
 
@@ -34,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + f"krpo-fast: error: unknown command {command!r}", file=sys.stderr)
         return 2
     if command == "bench":
-        from krpo_fast.bench import main as bench_main
-
-        return bench_main(rest)
+        return _bench(rest)
     if command == "study":
         from krpo_fast.study import main as study_main
 
@@ -64,6 +63,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _bench(argv: list[str]) -> int:
+    """Run the benchmark harness of the checkout krpo_fast was installed from (an
+    editable install); an installed wheel has no ``bench/`` folder."""
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    if not (bench_dir / "harness.py").is_file():
+        print(
+            f"error: krpo-fast bench needs the bench/ folder of a krpo-fast checkout "
+            f"({bench_dir} not found): git clone the repository and pip install -e it",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, str(bench_dir))
+    from harness import main as bench_main
+
+    return bench_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
-"""The benchmark runner end to end at its tiniest settings, and the eager peers
-(krpo_fast.eager) against the paper oracles they are timed beside."""
+"""The benchmark runner end to end at its tiniest settings, the eager peers
+(bench/eager.py) against the paper oracles they are timed beside, and ``krpo-fast
+bench`` with and without a checkout's bench/ folder."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from krpo_fast import bench
-from krpo_fast.eager import (
-    group_advantages_eager,
-    krpo_loss_eager,
-    policy_loss_from_hidden_eager,
-    selective_log_softmax_eager,
-)
+from krpo_fast import cli
 from krpo_fast.reference import (
     group_advantages_reference,
     policy_loss_reference,
     token_logprobs_reference,
+)
+
+# The harness and the eager peers are bench/ modules, not part of the package.
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH_DIR))
+import harness as bench  # noqa: E402
+from eager import (  # noqa: E402
+    group_advantages_eager,
+    krpo_loss_eager,
+    policy_loss_from_hidden_eager,
+    selective_log_softmax_eager,
 )
 
 
@@ -61,11 +70,31 @@ def test_bench_rejects_unknown_op(tmp_path):
         bench.run(ops=["nope"], out=tmp_path)
 
 
+def test_cli_bench_finds_the_checkout_harness(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "bench/results/<device>" in capsys.readouterr().out
+
+
+def test_cli_bench_without_bench_folder_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    # An installed wheel: the package sits in site-packages with no bench/ beside it.
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "krpo_fast" / "cli.py"))
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "needs the bench/ folder of a krpo-fast checkout" in err
+    assert str(tmp_path / "bench") in err
+
+
 @pytest.mark.parametrize("mode", ["kalman", "grpo", "dr_grpo", "batch_std"])
 def test_eager_advantages_match_paper(mode):
     rewards = torch.rand(12 * 16, generator=torch.Generator().manual_seed(1))
-    expected = group_advantages_reference(rewards, 16, mode=mode, compute_dtype=torch.float64)
-    torch.testing.assert_close(group_advantages_eager(rewards, 16, mode), expected)
+    expected = group_advantages_reference(
+        rewards, group_size=16, mode=mode, compute_dtype=torch.float64
+    )
+    got = group_advantages_eager(rewards, group_size=16, mode=mode)
+    torch.testing.assert_close(got, expected)
 
 
 def _loss_inputs(B, T, gen):
@@ -81,10 +110,10 @@ def test_eager_krpo_loss_matches_paper():
     gen = torch.Generator().manual_seed(2)
     logp, old, ref, mask = _loss_inputs(8, 9, gen)
     rewards = (torch.rand(8, generator=gen) > 0.5).float()
-    adv = group_advantages_reference(rewards, 4)
+    adv = group_advantages_reference(rewards, group_size=4)
     leaf = logp.clone().requires_grad_()
     expected, _ = policy_loss_reference(leaf, old, ref, adv, mask)
-    got = krpo_loss_eager(logp.requires_grad_(), old, ref, rewards, mask, 4)
+    got = krpo_loss_eager(logp.requires_grad_(), old, ref, rewards, mask, group_size=4)
     torch.testing.assert_close(got, expected)
     (grad,) = torch.autograd.grad(got, logp)
     (expected_grad,) = torch.autograd.grad(expected, leaf)
@@ -99,7 +128,8 @@ def test_eager_logits_paths_match_paper():
     ids = torch.randint(0, V, (B, T), generator=gen)
     logits = hidden @ weight.T
     torch.testing.assert_close(
-        selective_log_softmax_eager(logits, ids, 0.7), token_logprobs_reference(logits, ids, 0.7)
+        selective_log_softmax_eager(logits, ids, temperature=0.7),
+        token_logprobs_reference(logits, ids, temperature=0.7),
     )
     _, old, ref, mask = _loss_inputs(B, T, gen)
     adv = torch.randn(B, generator=gen)

@@ -7,7 +7,8 @@ top with autograd. Wrapped in ``torch.compile`` it is also the benchmarks'
 "compiled" peer, so it avoids data-dependent Python control flow.
 
 Same math and defaults as ``krpo_fast.reference`` (the paper's loops); unlike those it
-handles uniform groups only and computes in float32.
+handles uniform groups only and computes in float32. Like the public ops, tensors are
+positional and every hyperparameter is keyword-only.
 """
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
 
 def group_advantages_eager(
     rewards: torch.Tensor,
+    *,
     group_size: int,
     mode: str = "kalman",
     process_var: float = 1e-5,
@@ -66,6 +68,7 @@ def policy_loss_eager(
     ref_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    *,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     beta: float = 0.01,
@@ -92,18 +95,21 @@ def krpo_loss_eager(
     ref_logp: torch.Tensor,
     rewards: torch.Tensor,
     mask: torch.Tensor,
+    *,
     group_size: int,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     beta: float = 0.01,
 ) -> torch.Tensor:
     """Kalman advantages from the rewards, then :func:`policy_loss_eager`."""
-    advantages = group_advantages_eager(rewards, group_size)
-    return policy_loss_eager(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta)
+    advantages = group_advantages_eager(rewards, group_size=group_size)
+    return policy_loss_eager(
+        logp, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high, beta=beta
+    )
 
 
 def selective_log_softmax_eager(
-    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0
 ) -> torch.Tensor:
     """``log_softmax(logits / T)`` at ``token_ids`` as the logit minus the row's
     logsumexp (no [.., V] log-prob tensor), in float32."""
@@ -119,14 +125,17 @@ def policy_loss_from_logits_eager(
     ref_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    *,
     temperature: float = 1.0,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     beta: float = 0.01,
 ) -> torch.Tensor:
     """:func:`selective_log_softmax_eager` then :func:`policy_loss_eager`."""
-    logp = selective_log_softmax_eager(logits, token_ids, temperature)
-    return policy_loss_eager(logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta)
+    logp = selective_log_softmax_eager(logits, token_ids, temperature=temperature)
+    return policy_loss_eager(
+        logp, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high, beta=beta
+    )
 
 
 def policy_loss_from_hidden_eager(
@@ -137,6 +146,7 @@ def policy_loss_from_hidden_eager(
     ref_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    *,
     temperature: float = 1.0,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
@@ -152,8 +162,8 @@ def policy_loss_from_hidden_eager(
         ref_logp,
         advantages,
         mask,
-        temperature,
-        eps_low,
-        eps_high,
-        beta,
+        temperature=temperature,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta=beta,
     )

@@ -1,11 +1,13 @@
-"""Benchmark suite runner (``krpo-fast bench``) and the helpers the bench/ files share.
+"""Benchmark suite runner (``krpo-fast bench``) and the helpers the bench files share.
 
-The suite lives in the repository's ``bench/`` folder (pytest-benchmark files). Every
-op is timed for every implementation that does the same work, side by side in one
+The suite is this folder's pytest-benchmark files; they import this module and
+``eager.py`` as siblings (pytest and ``python bench/<file>.py`` both put the folder on
+the import path), and ``krpo-fast bench`` loads it from a checkout's ``bench/``. Every op
+is timed for every implementation that does the same work, side by side in one
 process:
 
 - ``paper``: the paper-faithful eager oracles in ``krpo_fast.reference``;
-- ``eager``: the vectorised eager PyTorch in ``krpo_fast.eager``;
+- ``eager``: the vectorised eager PyTorch in ``bench/eager.py``;
 - ``compile``: ``torch.compile`` of that eager code;
 - ``krpo-fast``: the public op (compiled Triton on CUDA; on CPU its vectorised torch
   path: the Triton interpreter is never timed, ``TRITON_INTERPRET=0`` is forced);
@@ -54,9 +56,9 @@ OPS = (
     "lm_head",
 )
 IMPLS = ("paper", "eager", "compile", "krpo-fast", "liger")
-# Below this many bytes moved a GPU kernel is launch-bound (DESIGN.md).
+# Below this many bytes moved a GPU kernel is launch-bound (docs/design.md).
 SHARE_OF_FLOOR_MIN_BYTES = 64 * 2**20
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+BENCH_DIR = Path(__file__).resolve().parent
 ENV_QUICK, ENV_IMPLS, ENV_SKIPS = "KRPO_BENCH_QUICK", "KRPO_BENCH_IMPLS", "KRPO_BENCH_SKIPS"
 
 # ------------------------------------------------------------------------------ the sweep
@@ -465,7 +467,7 @@ def _header(cuda: bool, runs: list[dict], skips: dict[str, int]) -> str:
             "**CPU-only machine: these are the CPU paths.** krpo-fast runs its vectorised "
             "torch code (TRITON_INTERPRET=0 is forced: Triton interpreter timings are "
             "never reported), against the paper's eager loops, the vectorised eager "
-            "torch (krpo_fast.eager) and torch.compile of it. Liger-Kernel's triton_grpo_loss "
+            "torch (bench/eager.py) and torch.compile of it. Liger-Kernel's triton_grpo_loss "
             "is skipped (its Triton kernel runs on CPU only in the interpreter); its "
             "LigerFusedLinearGRPOLoss is plain torch and is timed. Floors, launches and "
             "peak memory are GPU-only. CPU timings say nothing about a GPU; read the "
@@ -514,8 +516,6 @@ def run(
     unknown = sorted(set(ops) - set(OPS)) + sorted(set(impls or ()) - set(IMPLS))
     if unknown:
         raise ValueError(f"unknown op or implementation {unknown}; ops: {OPS}, impls: {IMPLS}")
-    if not BENCH_DIR.is_dir():
-        raise FileNotFoundError(f"{BENCH_DIR} not found: run from a krpo-fast checkout")
     out = Path(out) if out is not None else BENCH_DIR / "results" / device_name()
     out.mkdir(parents=True, exist_ok=True)
     subset_ops = [o for o in OPS if o in ops] if set(ops) != set(OPS) else []
@@ -598,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args.ops, args.quick, args.out, args.impls)
-    except (RuntimeError, FileNotFoundError) as e:
+    except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
