@@ -120,7 +120,8 @@ class VLLMGenerator:
         cache_dir: str | None,
         tensor_parallel_size: int = 1,
     ) -> None:
-        # In-process engine (no worker processes) and quiet logs; see FACTS.md.
+        # In-process engine (no worker processes: weight pushes and RNG handling stay in
+        # this process) and quiet logs; see docs/design.md.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -190,6 +191,22 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return "hf"
 
 
+def greedy_completions(
+    generator: Generator,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """The decoded greedy completion of every prompt, ``batch_size`` prompts per call."""
+    texts: list[str] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start : start + batch_size]
+        completions = generator.generate(batch, 1, 0.0, 1.0, max_new_tokens, seed=0)
+        texts += tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return texts
+
+
 def greedy_correct(
     generator: Generator,
     tokenizer: Any,
@@ -199,10 +216,5 @@ def greedy_correct(
     batch_size: int,
 ) -> list[float]:
     """1.0 or 0.0 per prompt: whether its greedy completion's <answer> equals the answer."""
-    correct: list[float] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        batch = prompt_ids[start : start + batch_size]
-        completions = generator.generate(batch, 1, 0.0, 1.0, max_new_tokens, seed=0)
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        correct += exact_match_reward([], texts, answers[start : start + batch_size])
-    return correct
+    texts = greedy_completions(generator, tokenizer, prompt_ids, max_new_tokens, batch_size)
+    return exact_match_reward([], texts, answers)
