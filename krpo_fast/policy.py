@@ -4,7 +4,11 @@ A micro-batch of (prompt, completion) sequences is packed into one row with
 ``position_ids`` restarting at 0 for every sequence and no attention mask. With
 FlashAttention-2 transformers turns the restarts into varlen boundaries; with SDPA
 (CPU) it detects them too, but only when ``attention_mask is None`` and
-``use_cache=False`` (otherwise attention leaks across sequences; FACTS.md).
+``use_cache=False`` (otherwise attention leaks across sequences).
+
+``pack(..., shared_prefix=True)`` instead packs each distinct prompt once, followed by
+its completions, and the forward runs the shared-prefix attention
+(``krpo_fast.shared_prefix``); the log-probs are the same.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from typing import Any
 import torch
 
 from krpo_fast.logits_ops import policy_loss_from_hidden, selective_log_softmax
+from krpo_fast.shared_prefix import (
+    ATTENTION_KWARG,
+    SharedPrefixLayout,
+    enable_shared_prefix_attention,
+    pack_rows,
+)
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -51,22 +61,47 @@ class PackedBatch:
     """Sequences packed into one row, plus where each completion token's logit lives."""
 
     input_ids: torch.Tensor  # [1, N]
-    position_ids: torch.Tensor  # [1, N], restarting at 0 per sequence
+    position_ids: torch.Tensor  # [1, N], restarting at 0 (or at the prompt's length) per segment
     logit_index: torch.Tensor  # [b, T] position in the row whose output predicts token t
     targets: torch.Tensor  # [b, T] completion token ids (0 at padding)
     mask: torch.Tensor  # [b, T] float, 1 at completion tokens
     n_tokens: int
+    shared_prefix: SharedPrefixLayout | None = None  # set: prompts packed once per group
 
 
 def pack(
-    prompt_ids: list[list[int]], completion_ids: list[list[int]], device: torch.device
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    device: torch.device,
+    shared_prefix: bool = False,
 ) -> PackedBatch:
-    """Pack prompt+completion sequences padding-free; completions are right-padded to T."""
+    """Pack prompt+completion sequences padding-free; completions are right-padded to T.
+
+    ``shared_prefix``: rows with identical prompt ids (any order, any subset of a group)
+    share one copy of the prompt; the log-probs are the same, with less work.
+    """
     width = max(map(len, completion_ids))
     b = len(completion_ids)
     logit_index = torch.zeros((b, width), dtype=torch.long)
     targets = torch.zeros((b, width), dtype=torch.long)
     mask = torch.zeros((b, width))
+    if shared_prefix:
+        packing = pack_rows(prompt_ids, completion_ids, device)
+        for i, (c, positions) in enumerate(
+            zip(completion_ids, packing.logit_positions, strict=True)
+        ):
+            logit_index[i, : len(c)] = torch.tensor(positions, dtype=torch.long)
+            targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, : len(c)] = 1.0
+        return PackedBatch(
+            input_ids=torch.tensor([packing.input_ids], device=device),
+            position_ids=torch.tensor([packing.position_ids], device=device),
+            logit_index=logit_index.to(device),
+            targets=targets.to(device),
+            mask=mask.to(device),
+            n_tokens=packing.layout.n_tokens,
+            shared_prefix=packing.layout,
+        )
     ids, pos, start = [], [], 0
     for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
         seq = p + c
@@ -93,8 +128,12 @@ def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tenso
 
     Only these rows reach the LM head, so the prompt tokens cost no logits.
     """
+    layout = {}
+    if batch.shared_prefix is not None:
+        enable_shared_prefix_attention(model)
+        layout[ATTENTION_KWARG] = batch.shared_prefix
     out = model.get_decoder()(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **layout
     )
     return out.last_hidden_state[0][batch.logit_index]
 
