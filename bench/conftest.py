@@ -5,7 +5,7 @@ Runs before the bench files import torch, Triton or krpo_fast:
   timings must never be reported as kernel performance (tests/conftest.py turns the
   interpreter on; this suite turns it off).
 - one thread: the CPU machines are 2 shared cores, and contention makes multi-threaded
-  timings erratic (FACTS.md).
+  timings erratic (docs/design.md).
 """
 
 import json

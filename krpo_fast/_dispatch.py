@@ -1,6 +1,6 @@
 """Where an op runs: compiled Triton, the Triton interpreter, or vectorised torch.
 
-The rule (DESIGN.md): CUDA tensors use the compiled Triton kernel; CPU tensors use
+The rule (docs/design.md): CUDA tensors use the compiled Triton kernel; CPU tensors use
 a vectorised PyTorch implementation, unless ``TRITON_INTERPRET=1`` is set, in which
 case the Triton kernel runs in Triton's interpreter (that is how the test suite
 checks every kernel on CPU-only machines).

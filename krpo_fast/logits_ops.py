@@ -12,7 +12,7 @@
 The loss ops compute the gradient in the forward pass (the loss is a scalar), so
 their backward only scales it by the upstream gradient. Run backward once.
 
-Dispatch (DESIGN.md): CUDA -> compiled Triton; CPU -> vectorised torch over
+Dispatch (docs/design.md): CUDA -> compiled Triton; CPU -> vectorised torch over
 blocks of rows (so no float32 copy of the whole logits), or the Triton kernel in
 the interpreter when ``TRITON_INTERPRET=1``.
 """

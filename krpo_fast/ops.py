@@ -1,7 +1,7 @@
 """Public fused ops: group advantages (Kalman and GRPO baselines), the clipped
 policy-gradient loss, and the fused KRPO loss.
 
-Dispatch (DESIGN.md): CUDA tensors run the compiled Triton kernels in
+Dispatch (docs/design.md): CUDA tensors run the compiled Triton kernels in
 ``krpo_fast.kernels``; CPU tensors run the vectorised PyTorch code in this file,
 or the Triton kernels in Triton's interpreter when ``TRITON_INTERPRET=1``.
 float64 inputs always take the PyTorch path (the kernels compute in float32), which

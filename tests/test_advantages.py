@@ -156,7 +156,7 @@ def test_non_contiguous_rewards(backend):
 
 
 def test_design_magnitudes_for_binary_rewards():
-    """DESIGN.md: with 0/1 rewards and G = 16, |A| reaches about 36 and the first
+    """docs/design.md: with 0/1 rewards and G = 16, |A| reaches about 36 and the first
     sample gets about 0.1 r_1 (here with the paper's defaults)."""
     rewards = torch.tensor([0.0] * 15 + [1.0])
     out = kalman_advantages(rewards, 16)
