@@ -6,6 +6,10 @@ installed (that name belongs to a PyPI project that transformers probes for).
 
 torch and triton are given as ranges, never pinned: CPU machines install
 ``torch==2.13.0`` first, GPU images bring their own torch and triton.
+
+Every third-party import of the package is declared here (tests/test_packaging.py
+checks): what every command needs in ``install_requires`` (``krpo-fast train``, ``eval``,
+``study``), the rest in the extra of the feature that imports it.
 """
 
 from setuptools import find_packages, setup
@@ -30,6 +34,8 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        # krpo-fast study's confidence intervals (the Student-t quantile).
+        "scipy",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],

@@ -50,7 +50,7 @@ from krpo_fast.tiny_model import CONFIG_NAME, bundled_model_path
 __all__ = ["CONDITIONS", "main", "mean_ci", "run_metrics"]
 
 MODES = ("kalman", "grpo", "dr_grpo", "batch_std")
-BASELINE = "kalman"  # the method under test; every other mode is compared with it
+METHOD_UNDER_TEST = "kalman"  # the method under test; every other mode is compared with it
 # Difficulty levels: the bundled model's task (trainer defaults) and two-digit terms only.
 DIFFICULTIES = {"easy": [], "hard": ["--num_digits_min", "2"]}
 CONDITIONS = tuple(f"{d}-{n}" for d in DIFFICULTIES for n in ("clean", "noisy"))
@@ -142,9 +142,9 @@ def run_metrics(
     """The study's metrics of one run from its metrics rows and summary (module docstring)."""
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     curve = [(0, before)] + [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
-    reached = [s for s, a in curve[1:] if a >= before + threshold_gain - 1e-9]
+    reached = [step for step, accuracy in curve[1:] if accuracy >= before + threshold_gain - 1e-9]
     clean = [r.get("reward_clean_mean", r["reward_mean"]) for r in rows]
-    tail = max(1, math.ceil(0.1 * len(clean)))
+    tail = max(1, math.ceil(0.1 * len(clean)))  # the last 10% of steps
     spread = [(r["grad_var"], r["grad_mean_sq"]) for r in rows if r.get("grad_var") is not None]
     mean_sq = sum(m for _, m in spread)
     return {
@@ -162,12 +162,12 @@ def run_metrics(
     }
 
 
-def _relative(diff: tuple[float, float, float], base: float) -> tuple[float, float, float]:
+def _relative_pct(diff: tuple[float, float, float], base: float) -> tuple[float, float, float]:
     scale = 100 / base if base else math.nan
     return diff[0] * scale, diff[1] * scale, diff[2] * scale
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+def _format_number(value: float, digits: int = 3) -> str:
     if math.isnan(value):
         return "n/a"
     if abs(value) < 1e-12:
@@ -177,9 +177,10 @@ def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _fmt_ci(ci: tuple[float, float, float], digits: int = 3, unit: str = "") -> str:
+def _format_ci(ci: tuple[float, float, float], digits: int = 3, unit: str = "") -> str:
     mean, lo, hi = ci
-    return f"{_fmt(mean, digits)}{unit} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+    low, high = _format_number(lo, digits), _format_number(hi, digits)
+    return f"{_format_number(mean, digits)}{unit} [{low}, {high}]"
 
 
 def _verdict(ci: tuple[float, float, float], paper_sign: int) -> str:
@@ -195,7 +196,7 @@ def _verdict(ci: tuple[float, float, float], paper_sign: int) -> str:
 # ------------------------------------------------------------------------------ the grid
 
 
-def _sha256(path: Path) -> str:
+def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -203,22 +204,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_grid(s: Settings) -> list[Run]:
+def build_grid(settings: Settings) -> list[Run]:
     """Every run, seeds outermost so that a stopped study holds whole seeds."""
     runs = []
-    for seed in range(s.seeds):
-        for condition in s.conditions:
+    for seed in range(settings.seeds):
+        for condition in settings.conditions:
             difficulty, noise = condition.split("-")
-            for mode in s.modes:
+            for mode in settings.modes:
                 flags = [
                     "--adv_mode", mode,
                     "--seed", str(seed),
-                    "--max_steps", str(s.max_steps),
-                    "--prompts_per_step", str(s.prompts_per_step),
-                    "--eval_size", str(s.eval_size),
-                    "--eval_steps", str(s.eval_steps),
-                    "--max_new_tokens", str(s.max_new_tokens),
-                    "--generation_backend", s.generation_backend,
+                    "--max_steps", str(settings.max_steps),
+                    "--prompts_per_step", str(settings.prompts_per_step),
+                    "--eval_size", str(settings.eval_size),
+                    "--eval_steps", str(settings.eval_steps),
+                    "--max_new_tokens", str(settings.max_new_tokens),
+                    "--generation_backend", settings.generation_backend,
                     "--log_grad_variance",
                     "--save_steps", "0",
                     "--save_total_limit", "1",
@@ -226,14 +227,14 @@ def build_grid(s: Settings) -> list[Run]:
                     *DIFFICULTIES[difficulty],
                 ]  # fmt: skip
                 if noise == "noisy":
-                    flags += ["--reward_noise", str(s.reward_noise)]
-                    flags += ["--reward_flip_rate", str(s.reward_flip_rate)]
-                out = s.runs_dir / condition / mode / f"seed{seed}"
+                    flags += ["--reward_noise", str(settings.reward_noise)]
+                    flags += ["--reward_flip_rate", str(settings.reward_flip_rate)]
+                out = settings.runs_dir / condition / mode / f"seed{seed}"
                 runs.append(Run(condition, mode, seed, flags, out))
     return runs
 
 
-def _train(run: Run, model_sha256: str) -> tuple[int, float]:
+def _train_run(run: Run, model_sha256: str) -> tuple[int, float]:
     """Train one run in a subprocess; (exit status, seconds). Checkpoints are deleted."""
     if run.out.exists():
         shutil.rmtree(run.out)  # a killed run starts over
@@ -242,13 +243,13 @@ def _train(run: Run, model_sha256: str) -> tuple[int, float]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
     t0 = time.perf_counter()
     with (run.out / "train.log").open("w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    for ckpt in run.out.glob("checkpoint-*"):
-        shutil.rmtree(ckpt)
-    if rc == 0:
+        exit_status = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    for checkpoint in run.out.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    if exit_status == 0:
         record = {"flags": run.flags, "model_sha256": model_sha256}
         (run.out / "study_run.json").write_text(json.dumps(record, indent=2) + "\n")
-    return rc, time.perf_counter() - t0
+    return exit_status, time.perf_counter() - t0
 
 
 def _is_done(run: Run, model_sha256: str) -> bool:
@@ -264,46 +265,54 @@ def _is_done(run: Run, model_sha256: str) -> bool:
     return True
 
 
-def run_grid(runs: list[Run], s: Settings) -> list[str]:
-    """Train the runs not done yet, ``s.workers`` at a time; return the failed runs' keys."""
-    todo = [r for r in runs if not _is_done(r, s.model_sha256)]
+def run_grid(runs: list[Run], settings: Settings) -> list[str]:
+    """Train the runs not done yet, ``settings.workers`` at a time; return the failed runs' keys."""
+    todo = [r for r in runs if not _is_done(r, settings.model_sha256)]
     print(f"study: {len(runs)} runs, {len(runs) - len(todo)} done already, {len(todo)} to train")
-    lock, failed, done = threading.Lock(), [], [0]
+    lock, failed, finished = threading.Lock(), [], []
 
-    def one(run: Run) -> None:
-        rc, seconds = _train(run, s.model_sha256)
+    def train_and_report(run: Run) -> None:
+        exit_status, seconds = _train_run(run, settings.model_sha256)
         with lock:
-            done[0] += 1
-            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {run.out / 'train.log'})"
-            print(f"[{done[0]}/{len(todo)}] {run.key}: {status} in {seconds:.0f} s", flush=True)
-            if rc != 0:
+            finished.append(run.key)
+            status = (
+                "ok"
+                if exit_status == 0
+                else f"FAILED (exit {exit_status}, see {run.out / 'train.log'})"
+            )
+            print(
+                f"[{len(finished)}/{len(todo)}] {run.key}: {status} in {seconds:.0f} s", flush=True
+            )
+            if exit_status != 0:
                 failed.append(run.key)
 
-    with ThreadPoolExecutor(max_workers=s.workers) as pool:
-        list(pool.map(one, todo))
+    with ThreadPoolExecutor(max_workers=settings.workers) as pool:
+        list(pool.map(train_and_report, todo))
     return failed
 
 
 # ------------------------------------------------------------------------------ the report
 
 
-def _collect(runs: list[Run], s: Settings) -> list[dict[str, Any]]:
+def _collect_run_metrics(runs: list[Run], settings: Settings) -> list[dict[str, Any]]:
     """Copy each run's small files into ``<output>/runs`` and compute its metrics there."""
     results = []
     for run in runs:
-        dest = s.output / "runs" / run.condition / run.mode / f"seed{run.seed}"
+        dest = settings.output / "runs" / run.condition / run.mode / f"seed{run.seed}"
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "summary.json", "study_run.json"):
             if (run.out / name).resolve() != (dest / name).resolve():
                 shutil.copyfile(run.out / name, dest / name)
         rows = [json.loads(line) for line in (dest / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((dest / "summary.json").read_text())
-        metrics = run_metrics(rows, summary, s.max_steps, s.threshold_gain)
+        metrics = run_metrics(rows, summary, settings.max_steps, settings.threshold_gain)
         results.append({"condition": run.condition, "mode": run.mode, "seed": run.seed, **metrics})
     return results
 
 
-def _values(results: list[dict[str, Any]], condition: str | None, mode: str, metric: str) -> dict:
+def _metric_by_run(
+    results: list[dict[str, Any]], condition: str | None, mode: str, metric: str
+) -> dict:
     """{(condition, seed): value} of one mode's runs (all conditions when None)."""
     return {
         (r["condition"], r["seed"]): r[metric]
@@ -312,11 +321,11 @@ def _values(results: list[dict[str, Any]], condition: str | None, mode: str, met
     }
 
 
-def summary_table(results: list[dict[str, Any]], s: Settings) -> list[dict[str, Any]]:
+def summary_table(results: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
     """Per condition and mode: mean and 95% CI of every metric, and censored counts."""
     table = []
-    for condition in s.conditions:
-        for mode in s.modes:
+    for condition in settings.conditions:
+        for mode in settings.modes:
             runs = [r for r in results if r["condition"] == condition and r["mode"] == mode]
             row = {"condition": condition, "mode": mode, "n": len(runs)}
             for metric in METRICS:
@@ -326,81 +335,82 @@ def summary_table(results: list[dict[str, Any]], s: Settings) -> list[dict[str, 
     return table
 
 
-def paired_table(results: list[dict[str, Any]], s: Settings) -> list[dict[str, Any]]:
+def paired_table(results: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
     """KRPO minus each other mode, paired by condition and seed, per condition and pooled."""
-    rows = []
-    others = [m for m in s.modes if m != BASELINE] if BASELINE in s.modes else []
-    for other in others:
-        for condition in [*s.conditions, None]:
+    rows: list[dict[str, Any]] = []
+    if METHOD_UNDER_TEST not in settings.modes:
+        return rows
+    for other in [m for m in settings.modes if m != METHOD_UNDER_TEST]:
+        for condition in [*settings.conditions, None]:
             for metric in METRICS:
-                krpo = _values(results, condition, BASELINE, metric)
-                base = _values(results, condition, other, metric)
-                keys = sorted(set(krpo) & set(base))
-                diff = mean_ci([krpo[k] - base[k] for k in keys])
-                base_mean = float(np.mean([base[k] for k in keys]))
+                tested = _metric_by_run(results, condition, METHOD_UNDER_TEST, metric)
+                compared = _metric_by_run(results, condition, other, metric)
+                pairs = sorted(set(tested) & set(compared))
+                diff = mean_ci([tested[k] - compared[k] for k in pairs])
+                compared_mean = float(np.mean([compared[k] for k in pairs]))
                 if metric == "accuracy_gain":
-                    base_mean = math.nan  # near 0 before any learning: a % says nothing
+                    compared_mean = math.nan  # near 0 before any learning: a % says nothing
                 rows.append(
                     {
-                        "comparison": f"{BASELINE} - {other}",
+                        "comparison": f"{METHOD_UNDER_TEST} - {other}",
                         "condition": condition or "all",
                         "metric": metric,
-                        "n": len(keys),
+                        "n": len(pairs),
                         "diff": diff,
-                        "relative_pct": _relative(diff, base_mean),
+                        "relative_pct": _relative_pct(diff, compared_mean),
                     }
                 )
         # Does KRPO's edge grow with noise? (noisy - clean) of the paired accuracy difference.
-        pairs = []
+        noise_effects = []
         for difficulty in DIFFICULTIES:
             noisy, clean = f"{difficulty}-noisy", f"{difficulty}-clean"
-            if noisy not in s.conditions or clean not in s.conditions:
+            if noisy not in settings.conditions or clean not in settings.conditions:
                 continue
-            d = {
-                c: {
-                    seed: v - _values(results, c, other, "final_accuracy")[(c, seed)]
-                    for (_, seed), v in _values(results, c, BASELINE, "final_accuracy").items()
-                }
-                for c in (noisy, clean)
-            }
-            pairs += [d[noisy][k] - d[clean][k] for k in sorted(set(d[noisy]) & set(d[clean]))]
-        if pairs:
+            # Per condition and seed: final accuracy of the tested mode minus the other's.
+            edge = {}
+            for condition in (noisy, clean):
+                tested = _metric_by_run(results, condition, METHOD_UNDER_TEST, "final_accuracy")
+                compared = _metric_by_run(results, condition, other, "final_accuracy")
+                edge[condition] = {key[1]: tested[key] - compared[key] for key in tested}
+            seeds = sorted(set(edge[noisy]) & set(edge[clean]))
+            noise_effects += [edge[noisy][seed] - edge[clean][seed] for seed in seeds]
+        if noise_effects:
             rows.append(
                 {
-                    "comparison": f"({BASELINE} - {other}) noisy - clean",
+                    "comparison": f"({METHOD_UNDER_TEST} - {other}) noisy - clean",
                     "condition": "all",
                     "metric": "final_accuracy",
-                    "n": len(pairs),
-                    "diff": mean_ci(pairs),
+                    "n": len(noise_effects),
+                    "diff": mean_ci(noise_effects),
                     "relative_pct": (math.nan,) * 3,
                 }
             )
     return rows
 
 
-def _plots(results: list[dict[str, Any]], s: Settings) -> list[str]:
+def _write_plots(results: list[dict[str, Any]], settings: Settings) -> list[str]:
     """accuracy.png, reward.png and variance.png in the output folder; their names."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    ncols = min(2, len(s.conditions))
-    nrows = math.ceil(len(s.conditions) / ncols)
+    ncols = min(2, len(settings.conditions))
+    nrows = math.ceil(len(settings.conditions) / ncols)
     names = []
     for name, key, ylabel in (
         ("accuracy.png", "accuracy_curve", "held-out greedy accuracy"),
         ("reward.png", "reward_curve", "clean training reward (running mean)"),
     ):
         fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.6 * nrows), squeeze=False)
-        for ax, condition in zip(axes.flat, s.conditions, strict=False):
-            for mode in s.modes:
+        for ax, condition in zip(axes.flat, settings.conditions, strict=False):
+            for mode in settings.modes:
                 runs = [r for r in results if r["condition"] == condition and r["mode"] == mode]
                 if key == "accuracy_curve":
                     steps = [st for st, _ in runs[0][key]]
                     curves = np.array([[a for _, a in r[key]] for r in runs])
                 else:
-                    window = max(1, s.max_steps // 10)
+                    window = max(1, settings.max_steps // 10)
                     kernel = np.ones(window) / window
                     curves = np.array([np.convolve(r[key], kernel, "valid") for r in runs])
                     steps = list(range(window, window + curves.shape[1]))
@@ -417,34 +427,34 @@ def _plots(results: list[dict[str, Any]], s: Settings) -> list[str]:
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"mean over {s.seeds} seeds, 95% t-interval band", fontsize=10)
+        fig.suptitle(f"mean over {settings.seeds} seeds, 95% t-interval band", fontsize=10)
         fig.tight_layout()
-        fig.savefig(s.output / name, dpi=90)
+        fig.savefig(settings.output / name, dpi=90)
         plt.close(fig)
         names.append(name)
 
-    table = summary_table(results, s)
+    table = summary_table(results, settings)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / len(s.modes)
+    width = 0.8 / len(settings.modes)
     for ax, metric in zip(axes, ("adv_var", "grad_noise"), strict=True):
-        for i, mode in enumerate(s.modes):
+        for i, mode in enumerate(settings.modes):
             rows = [r for r in table if r["mode"] == mode]
             means = [r[metric][0] for r in rows]
             err = [
                 [m - r[metric][1] for m, r in zip(means, rows, strict=True)],
                 [r[metric][2] - m for m, r in zip(means, rows, strict=True)],
             ]
-            x = np.arange(len(rows)) + (i - (len(s.modes) - 1) / 2) * width
+            x = np.arange(len(rows)) + (i - (len(settings.modes) - 1) / 2) * width
             ax.bar(x, means, width, color=MODE_COLORS[mode], label=mode)
-            if s.seeds > 1:
+            if settings.seeds > 1:
                 ax.errorbar(x, means, yerr=np.nan_to_num(err), fmt="none", ecolor="k", lw=0.8)
-        ax.set_xticks(np.arange(len(s.conditions)), s.conditions)
+        ax.set_xticks(np.arange(len(settings.conditions)), settings.conditions)
         ax.set_yscale("log")
         ax.set_title(METRICS[metric], fontsize=9)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(s.output / "variance.png", dpi=90)
+    fig.savefig(settings.output / "variance.png", dpi=90)
     plt.close(fig)
     return [*names, "variance.png"]
 
@@ -465,19 +475,37 @@ def _model_card() -> dict[str, Any]:
     return {"recipe": card.get("recipe"), "results": card.get("results")}
 
 
+def trainer_settings(flags: list[str]) -> Any:
+    """The ``TrainConfig`` that ``krpo-fast train`` resolves from a run's flags (the
+    trainer's defaults filled in): what the run actually used."""
+    from krpo_fast.config import TrainConfig, parse_config
+
+    return parse_config(TrainConfig, [*flags, "--output_dir", "-"], "krpo-fast train", "")
+
+
 def write_report(
-    results: list[dict[str, Any]], s: Settings, invocations: list[dict[str, Any]]
+    results: list[dict[str, Any]], settings: Settings, invocations: list[dict[str, Any]]
 ) -> None:
-    """README.md, study.json and the plots in ``s.output``."""
-    table, paired = summary_table(results, s), paired_table(results, s)
-    plots = _plots(results, s)
+    """README.md, study.json and the plots in ``settings.output``."""
+    table, paired = summary_table(results, settings), paired_table(results, settings)
+    plots = _write_plots(results, settings)
     model = _model_card()
     run_times = [r["wall_time_s"] for r in results]
-    (s.output / "study.json").write_text(
+    example = build_grid(settings)[-1]
+    # Every run shares these; only the mode, seed, difficulty and noise flags differ.
+    trainer = trainer_settings(example.flags)
+    sequences_per_step = trainer.prompts_per_step * trainer.group_size
+    micro_batch_size = trainer.micro_batch_size or sequences_per_step
+    (settings.output / "study.json").write_text(
         json.dumps(
             {
-                "command": s.command,
-                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
+                "command": settings.command,
+                "settings": {
+                    name: str(value) if isinstance(value, Path) else value
+                    for name, value in vars(settings).items()
+                },
+                "group_size": trainer.group_size,
+                "micro_batch_size": micro_batch_size,
                 "model": {"path": str(bundled_model_path()), **model},
                 "summary": table,
                 "paired": paired,
@@ -490,7 +518,6 @@ def write_report(
         )
         + "\n"
     )
-    example = build_grid(s)[-1]
     lines = [
         "# GRPO vs KRPO on the bundled arithmetic task",
         "",
@@ -499,25 +526,28 @@ def write_report(
         "",
         "## Setup",
         "",
-        f"- Command: `{s.command}`",
-        f"- Rebuild this report from `runs/` alone: `{s.command} --runs_dir {s.output}/runs`",
-        f"- Seeds: {', '.join(map(str, range(s.seeds)))} (the same seeds for every mode: "
+        f"- Command: `{settings.command}`",
+        "- Rebuild this report from `runs/` alone: "
+        f"`{settings.command} --runs_dir {settings.output}/runs`",
+        f"- Seeds: {', '.join(map(str, range(settings.seeds)))} (the same seeds for every mode: "
         "paired comparisons)",
-        f"- Modes: {', '.join(s.modes)}; conditions: {', '.join(s.conditions)}",
+        f"- Modes: {', '.join(settings.modes)}; conditions: {', '.join(settings.conditions)}",
         f"- Model: bundled `krpo_fast/assets/tiny_llama`, model.safetensors sha256 "
-        f"`{s.model_sha256}`; its recipe `{json.dumps(model['recipe'])}`; "
+        f"`{settings.model_sha256}`; its recipe `{json.dumps(model['recipe'])}`; "
         f"its results `{json.dumps(model['results'])}`",
         "- Difficulty: `easy` = the bundled model's task (2 terms of 1-2 digits, `+-`); "
         "`hard` = two-digit terms only (`--num_digits_min 2`)",
         f"- Reward noise (`noisy` conditions, training rewards only, after the graded reward "
-        f"function): label flips r -> 1 - r with probability {s.reward_flip_rate}, then "
-        f"Gaussian noise of std {s.reward_noise}",
-        f"- Budget per run: {s.max_steps} steps x {s.prompts_per_step} prompts x 8 completions "
-        f"(group size), held-out accuracy on {s.eval_size} prompts every {s.eval_steps} steps, "
-        f"max {s.max_new_tokens} new tokens; every other setting is the trainer's default",
+        f"function): label flips r -> 1 - r with probability {settings.reward_flip_rate}, then "
+        f"Gaussian noise of std {settings.reward_noise}",
+        f"- Budget per run: {settings.max_steps} steps x {trainer.prompts_per_step} prompts x "
+        f"{trainer.group_size} completions (group size), held-out accuracy on "
+        f"{settings.eval_size} prompts every {settings.eval_steps} steps, max "
+        f"{settings.max_new_tokens} new tokens; every other setting is the trainer's default",
         f"- One run's flags: `krpo-fast train {' '.join(example.flags)} --output_dir DIR`",
         f"- Machine: {_cpu_name()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {s.workers} runs at a time, 1 torch thread each",
+        f"Python {platform.python_version()}, {settings.workers} runs at a time, "
+        "1 torch thread each",
         f"- Training wall time: {sum(i['wall_s'] for i in invocations):.0f} s over "
         f"{len(invocations)} invocation(s) that trained runs (`runs/invocations.jsonl`: runs "
         "trained, seconds, 1-minute load average at start and end: "
@@ -527,7 +557,7 @@ def write_report(
             for i in invocations
         )
         + f"); one run took "
-        f"{_fmt_ci(mean_ci(run_times), 0)} s (mean [95% CI] of its trainer wall time, "
+        f"{_format_ci(mean_ci(run_times), 0)} s (mean [95% CI] of its trainer wall time, "
         f"{len(run_times)} runs)",
         "",
         "## Metrics",
@@ -535,21 +565,21 @@ def write_report(
         "- **final held-out accuracy**: greedy exact-match accuracy on the seed's held-out "
         "split after the last step; **accuracy gain** = that minus the accuracy before "
         "training (identical across modes for a seed and condition).",
-        f"- **steps to threshold**: first evaluated step (every {s.eval_steps}) whose held-out "
-        f"accuracy is at least the run's accuracy before training + {s.threshold_gain}; a run "
-        f"that never reaches it counts as {s.max_steps} (censored: a lower bound; the table "
-        "gives how many).",
+        f"- **steps to threshold**: first evaluated step (every {settings.eval_steps}) whose "
+        "held-out accuracy is at least the run's accuracy before training + "
+        f"{settings.threshold_gain}; a run that never reaches it counts as "
+        f"{settings.max_steps} (censored: a lower bound; the table gives how many).",
         "- **final clean reward**: mean graded reward before noise over the last 10% of steps.",
         "- **Var(A)**: per step, the unbiased variance of the advantages over the batch's "
         "sequences, averaged over steps. Not scale-free: Kalman advantages divide by the "
         "filter's sqrt(P) instead of the group std and are about 10x larger than GRPO's.",
         "- **gradient noise ratio**: per optimizer step the trainer splits the batch into "
-        "micro-batches of 4 sequences and measures `grad_var`, the trace of the covariance "
-        "of the micro-batch policy-gradient estimates, and `grad_mean_sq`, the squared norm "
-        "of their mean; the ratio is mean over steps of `grad_var` / mean over steps of "
-        "`grad_mean_sq`. It does not change when the advantages are rescaled, so it compares "
-        "estimators fairly: the variance of the per-token policy-gradient estimate relative "
-        "to its signal.",
+        f"micro-batches of {micro_batch_size} sequences and measures `grad_var`, the trace of "
+        "the covariance of the micro-batch policy-gradient estimates, and `grad_mean_sq`, the "
+        "squared norm of their mean; the ratio is mean over steps of `grad_var` / mean over "
+        "steps of `grad_mean_sq`. It does not change when the advantages are rescaled, so "
+        "it compares estimators fairly: the variance of the per-token policy-gradient "
+        "estimate relative to its signal.",
         "- Confidence intervals: 95% Student-t intervals over seeds (`scipy.stats.t`). Paired "
         "differences are taken per (condition, seed); relative % = mean difference / the "
         "other mode's mean x 100 (the denominator's own uncertainty is ignored).",
@@ -561,9 +591,9 @@ def write_report(
     ]
     for row in table:
         cells = [
-            _fmt_ci(row[m], 1) + f" ({row['censored']} censored)"
+            _format_ci(row[m], 1) + f" ({row['censored']} censored)"
             if m == "steps_to_threshold"
-            else _fmt_ci(row[m])
+            else _format_ci(row[m])
             for m in METRICS
         ]
         lines.append(
@@ -577,17 +607,17 @@ def write_report(
         "|---|---|---|---|---|---|",
     ]
     for row in paired:
-        rel = "" if math.isnan(row["relative_pct"][0]) else _fmt_ci(row["relative_pct"], 1, "%")
+        rel = "" if math.isnan(row["relative_pct"][0]) else _format_ci(row["relative_pct"], 1, "%")
         lines.append(
             f"| {row['comparison']} | {row['condition']} | {METRICS[row['metric']]} | "
-            f"{row['n']} | {_fmt_ci(row['diff'])} | {rel} |"
+            f"{row['n']} | {_format_ci(row['diff'])} | {rel} |"
         )
-    lines += ["", *_claims(paired), "", "## Plots", ""]
+    lines += ["", *_claims_section(paired), "", "## Plots", ""]
     lines += [f"![{name}]({name})" for name in plots]
-    (s.output / "README.md").write_text("\n".join(lines) + "\n")
+    (settings.output / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def _claims(paired: list[dict[str, Any]]) -> list[str]:
+def _claims_section(paired: list[dict[str, Any]]) -> list[str]:
     """The paper's claims next to the pooled KRPO - GRPO rows of the paired table."""
     pooled = {(r["comparison"], r["metric"]): r for r in paired if r["condition"] == "all"}
     lines = [
@@ -613,16 +643,16 @@ def _claims(paired: list[dict[str, Any]]) -> list[str]:
         row = pooled.get(("kalman - grpo", metric))
         if row is None:
             continue
-        rel = "" if math.isnan(row["relative_pct"][0]) else _fmt_ci(row["relative_pct"], 1, "%")
+        rel = "" if math.isnan(row["relative_pct"][0]) else _format_ci(row["relative_pct"], 1, "%")
         lines.append(
-            f"| {claim} | {METRICS[metric]} | {_fmt_ci(row['diff'])} | {rel} | "
+            f"| {claim} | {METRICS[metric]} | {_format_ci(row['diff'])} | {rel} | "
             f"{_verdict(row['diff'], sign)} |"
         )
     row = pooled.get(("(kalman - grpo) noisy - clean", "final_accuracy"))
     if row is not None:
         lines.append(
             f"| helps most with noisy rewards | (KRPO - GRPO final accuracy) noisy minus clean "
-            f"| {_fmt_ci(row['diff'])} | | {_verdict(row['diff'], 1)} |"
+            f"| {_format_ci(row['diff'])} | | {_verdict(row['diff'], 1)} |"
         )
     return lines
 
@@ -631,77 +661,78 @@ def _claims(paired: list[dict[str, Any]]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="krpo-fast study",
         description="GRPO-vs-KRPO study: train the bundled model with each advantage mode "
         "over seeds, two task difficulties, clean and noisy rewards; write a Markdown report "
         "with plots, tables and the paper's claims checked into --output.",
     )
-    p.add_argument("--quick", action="store_true", help="smoke-test budget (2 seeds, 8 steps)")
-    p.add_argument(
+    parser.add_argument("--quick", action="store_true", help="smoke-test budget (2 seeds, 8 steps)")
+    parser.add_argument(
         "--output",
         type=Path,
         default=None,
         help="report folder (default bench/results/study, bench/results/study/quick with --quick)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--runs_dir",
         type=Path,
         default=None,
         help="training runs (default runs/study, runs/study-quick with --quick)",
     )
-    p.add_argument("--workers", type=int, default=2, help="trainings at a time (default 2)")
-    p.add_argument(
+    parser.add_argument("--workers", type=int, default=2, help="trainings at a time (default 2)")
+    parser.add_argument(
         "--modes",
         default="kalman,grpo,dr_grpo",
         help="comma-separated "
         f"advantage modes from {', '.join(MODES)} (default kalman,grpo,dr_grpo)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--conditions",
         default=",".join(CONDITIONS),
         help=f"comma-separated, from {', '.join(CONDITIONS)} (default all)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--reward_noise",
         type=float,
         default=0.3,
         help="Gaussian reward-noise std in the noisy conditions (default 0.3)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--reward_flip_rate",
         type=float,
         default=0.1,
         help="label-flip rate in the noisy conditions (default 0.1)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--threshold_gain",
         type=float,
         default=0.05,
         help="steps to threshold: accuracy before training + this (default 0.05)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--generation_backend",
         choices=("hf", "vllm", "auto"),
         default="hf",
         help="the trainer's generation backend (default hf: no engine start-up)",
     )
     for knob in PRESETS["full"]:
-        p.add_argument(
+        parser.add_argument(
             f"--{knob}",
             type=int,
             default=None,
             help=f"default {PRESETS['full'][knob]} ({PRESETS['quick'][knob]} with --quick)",
         )
-    return p
+    return parser
 
 
 def parse_settings(argv: list[str]) -> Settings:
     """Settings from the command line (ValueError naming the bad flag)."""
     args = _parser().parse_args(argv)
     preset = "quick" if args.quick else "full"
-    knobs = {
-        k: v if getattr(args, k) is None else getattr(args, k) for k, v in PRESETS[preset].items()
+    budget = {
+        knob: default if getattr(args, knob) is None else getattr(args, knob)
+        for knob, default in PRESETS[preset].items()
     }
     modes = [m for m in args.modes.split(",") if m]
     conditions = [c for c in args.conditions.split(",") if c]
@@ -712,13 +743,13 @@ def parse_settings(argv: list[str]) -> Settings:
                 f"--{flag}: got {','.join(chosen) or 'nothing'}; give distinct values from "
                 f"{', '.join(allowed)}"
             )
-    if knobs["seeds"] < 2:
-        raise ValueError(f"--seeds must be >= 2 (confidence intervals), got {knobs['seeds']}")
+    if budget["seeds"] < 2:
+        raise ValueError(f"--seeds must be >= 2 (confidence intervals), got {budget['seeds']}")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     for knob in ("max_steps", "prompts_per_step", "eval_size", "eval_steps", "max_new_tokens"):
-        if knobs[knob] < 1:
-            raise ValueError(f"--{knob} must be >= 1, got {knobs[knob]}")
+        if budget[knob] < 1:
+            raise ValueError(f"--{knob} must be >= 1, got {budget[knob]}")
     if args.reward_noise < 0 or not 0 <= args.reward_flip_rate <= 1:
         raise ValueError("--reward_noise must be >= 0 and --reward_flip_rate in [0, 1]")
     default_out = "bench/results/study" + ("/quick" if args.quick else "")
@@ -726,7 +757,7 @@ def parse_settings(argv: list[str]) -> Settings:
     return Settings(
         modes=modes,
         conditions=conditions,
-        **knobs,
+        **budget,
         reward_noise=args.reward_noise,
         reward_flip_rate=args.reward_flip_rate,
         threshold_gain=args.threshold_gain,
@@ -743,16 +774,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``krpo-fast study [--quick] [flags]``: train the grid, then write the report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        s = parse_settings(argv)
-        s.model_sha256 = _sha256(bundled_model_path() / "model.safetensors")
+        settings = parse_settings(argv)
+        settings.model_sha256 = _file_sha256(bundled_model_path() / "model.safetensors")
         started, load_start = time.perf_counter(), os.getloadavg()[0]
-        runs = build_grid(s)
-        trained = sum(not _is_done(r, s.model_sha256) for r in runs)
-        failed = run_grid(runs, s)
-        log = s.runs_dir / "invocations.jsonl"
+        runs = build_grid(settings)
+        trained = sum(not _is_done(r, settings.model_sha256) for r in runs)
+        failed = run_grid(runs, settings)
+        log = settings.runs_dir / "invocations.jsonl"
         if trained:  # how long the training took, over every invocation that trained
             entry = {
-                "command": s.command,
+                "command": settings.command,
                 "trained": trained,
                 "failed": len(failed),
                 "wall_s": round(time.perf_counter() - started, 1),
@@ -762,18 +793,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fh.write(json.dumps(entry) + "\n")
         if failed:
             raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
-        (s.output / "runs").mkdir(parents=True, exist_ok=True)
-        if log.is_file() and log.resolve() != (s.output / "runs" / log.name).resolve():
-            shutil.copyfile(log, s.output / "runs" / log.name)
-        results = _collect(runs, s)
-        copied = s.output / "runs" / log.name
+        (settings.output / "runs").mkdir(parents=True, exist_ok=True)
+        if log.is_file() and log.resolve() != (settings.output / "runs" / log.name).resolve():
+            shutil.copyfile(log, settings.output / "runs" / log.name)
+        results = _collect_run_metrics(runs, settings)
+        copied = settings.output / "runs" / log.name
         lines = copied.read_text().splitlines() if copied.is_file() else []
         invocations = [json.loads(line) for line in lines]
-        write_report(results, s, invocations)
+        write_report(results, settings, invocations)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
-    print(f"study report: {s.output / 'README.md'}")
+    print(f"study report: {settings.output / 'README.md'}")
     return 0
 
 

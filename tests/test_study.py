@@ -8,7 +8,8 @@ import pytest
 from scipy import stats
 
 from krpo_fast.cli import main as cli_main
-from krpo_fast.study import mean_ci, run_metrics
+from krpo_fast.config import TrainConfig
+from krpo_fast.study import mean_ci, run_metrics, trainer_settings
 
 MICRO = [
     "--modes", "kalman,grpo",
@@ -75,6 +76,12 @@ def test_micro_study_report_and_resume(tmp_path, capsys):
         assert row["grad_noise"][0] == pytest.approx(np.mean(noise))
     text = (out / "README.md").read_text()
     assert "## Paper claims vs this study" in text and "kalman - grpo" in text
+    # Group and micro-batch sizes are the runs' own (here the trainer's defaults).
+    defaults = TrainConfig()
+    assert report["group_size"] == defaults.group_size
+    assert report["micro_batch_size"] == defaults.micro_batch_size
+    assert f"2 prompts x {defaults.group_size} completions (group size)" in text
+    assert f"micro-batches of {defaults.micro_batch_size} sequences" in text
 
     # A second invocation trains nothing; the report rebuilds from its own runs/ folder.
     assert cli_main(argv) == 0
@@ -83,6 +90,12 @@ def test_micro_study_report_and_resume(tmp_path, capsys):
     argv = ["study", *MICRO, "--output", str(rebuilt), "--runs_dir", str(out / "runs")]
     assert cli_main(argv) == 0
     assert json.loads((rebuilt / "study.json").read_text())["summary"] == report["summary"]
+
+
+def test_trainer_settings_resolve_a_runs_flags_with_the_trainer_defaults():
+    resolved = trainer_settings(["--group_size", "4", "--max_steps", "3"])
+    assert (resolved.group_size, resolved.max_steps) == (4, 3)
+    assert resolved.micro_batch_size == TrainConfig().micro_batch_size
 
 
 @pytest.mark.parametrize(
