@@ -4,22 +4,28 @@
 ``krpo_fast.json`` when it has one, and ``trainer_state.pt`` (optimizer, scheduler,
 RNG states, step and run bookkeeping). It is written as ``checkpoint-<step>.tmp``
 and renamed into place, so a run killed mid-save never leaves a half checkpoint
-that ``--resume`` would pick.
+that ``--resume`` would pick. ``--resume`` takes the newest checkpoint that loads
+completely (:func:`find_resumable`), naming each newer one it skips and why.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from krpo_fast.run_dir import fsync_directory
+
 STATE_FILE = "trainer_state.pt"
+STATE_KEYS = ("step", "optimizer", "scheduler", "rng")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -76,6 +82,10 @@ def save_checkpoint(
         **extra,
     }
     torch.save(state, tmp / STATE_FILE)
+    for path in tmp.iterdir():  # on disk before the rename publishes them
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_directory(tmp)
     if final.exists():  # re-saving a step (a resumed run): move the old one aside first
         old = output_dir / f"checkpoint-{step}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -84,6 +94,7 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    fsync_directory(output_dir)
     if keep:
         for stale in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(stale)
@@ -101,7 +112,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint that ``--resume`` names: 'latest' in ``output_dir``, or a path."""
+    """The checkpoint that ``--resume`` names: 'latest' in ``output_dir``, or a path.
+
+    The path must be a checkpoint of ``output_dir``: a resumed run continues the run its
+    directory holds, never another one.
+    """
     if not resume:
         return None
     if resume == "latest":
@@ -112,7 +127,100 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint (no {STATE_FILE})")
+    if path.resolve().parent != Path(output_dir).resolve():
+        raise ValueError(
+            f"--resume {resume}: not a checkpoint of --output_dir {output_dir} (resume "
+            "continues the run its directory holds; to start a new run from these weights "
+            f"use --model {resume})"
+        )
     return path
+
+
+def find_resumable(
+    resume: str, output_dir: str | Path
+) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]]:
+    """The checkpoint to resume from, its trainer state, and the newer ones skipped (why).
+
+    With ``resume='latest'`` the newest checkpoint that loads completely wins; a named
+    checkpoint must load or this raises ValueError.
+    """
+    first = resolve_resume(resume, output_dir)
+    assert first is not None
+    candidates = list_checkpoints(output_dir)[::-1] if resume == "latest" else [first]
+    skipped: list[tuple[Path, str]] = []
+    for path in candidates:
+        try:
+            return path, read_checkpoint(path), skipped
+        except ValueError as e:
+            skipped.append((path, str(e)))
+    reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+    raise ValueError(f"--resume: no checkpoint in {output_dir} loads completely ({reasons})")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint ``path`` after checking that its weights are whole.
+
+    Raises ValueError saying which file is damaged and how.
+    """
+    check_weights(path)
+    try:
+        # Our own file, written by save_checkpoint: it holds numpy RNG arrays, hence not
+        # weights_only.
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # any unpickling failure means the same: a damaged file
+        raise ValueError(f"{STATE_FILE} does not load ({type(e).__name__})") from None
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        raise ValueError(f"{STATE_FILE} lacks {', '.join(missing)}")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys():
+        raise ValueError(f"{STATE_FILE} holds no optimizer state")
+    return state
+
+
+def check_weights(path: Path) -> None:
+    """ValueError unless every safetensors file of the checkpoint is complete.
+
+    Reads only the headers: a file is complete when its size is exactly the header's
+    length plus the end of its last tensor.
+    """
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise ValueError(f"{index.name} is damaged") from None
+    else:
+        names = ["model.safetensors"]
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{name} is missing")
+        size = file.stat().st_size
+        try:
+            with file.open("rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                if header_len > size:
+                    raise ValueError
+                header = json.loads(fh.read(header_len))
+            end = max(
+                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise ValueError(f"{name} is damaged (unreadable header)") from None
+        if size != 8 + header_len + end:
+            raise ValueError(f"{name} is truncated ({size} of {8 + header_len + end} bytes)")
+
+
+def restore_trainer_state(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer | None, scheduler: Any
+) -> None:
+    """Restore optimizer (unless None: sharded runs load it themselves), scheduler, RNGs."""
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
 
 
 def load_trainer_state(
@@ -122,11 +230,6 @@ def load_trainer_state(
 
     With ``optimizer=None`` the caller loads ``state["optimizer"]`` itself (sharded runs).
     """
-    # Our own file, written by save_checkpoint: it holds numpy RNG arrays, hence not
-    # weights_only.
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    state = read_checkpoint(path)
+    restore_trainer_state(state, optimizer, scheduler)
     return state

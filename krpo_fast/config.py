@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +30,9 @@ class TrainConfig:
     # model and data
     model: str = _f("", "model directory (HF format); empty: the bundled tiny arithmetic model")
     output_dir: str = _f("runs/krpo", "run directory: metrics, plots, checkpoints, summary")
+    overwrite_output_dir: bool = _f(
+        False, "start a fresh run in an output_dir that holds another run, deleting its files"
+    )
     dataset: str = _f(
         "arithmetic", "'arithmetic' (generated task) or a JSONL file of question/answer rows"
     )
@@ -83,6 +88,12 @@ class TrainConfig:
     temperature: float = _f(0.7, "sampling temperature (also applied to the training log-probs)")
     top_p: float = _f(1.0, "nucleus sampling threshold")
     max_new_tokens: int = _f(48, "completion length limit")
+    max_prompt_length: int = _f(
+        0, "longest prompt in tokens; 0: what the model's context leaves after max_new_tokens"
+    )
+    truncate_prompts: bool = _f(
+        False, "keep the last max_prompt_length tokens of longer prompts instead of refusing"
+    )
     generation_backend: Literal["auto", "vllm", "hf"] = _f(
         "auto", "auto: vLLM when installed (measured faster, CPU too), else HF generate"
     )
@@ -114,10 +125,12 @@ class TrainConfig:
     save_total_limit: int = _f(2, "checkpoints kept (oldest deleted first); 0 keeps all")
     resume: str = _f(
         "",
-        "continue from a checkpoint: --resume (latest in output_dir) or --resume PATH",
+        "continue the run in output_dir: --resume (its newest complete checkpoint) or "
+        "--resume PATH (one of its checkpoints)",
         nargs="?",
         const="latest",
     )
+    debug: bool = _f(False, "on an error, print the full traceback (for bug reports)")
 
     def task(self) -> ArithmeticTask:
         """The arithmetic task the flags describe (ValueError naming the bad flag)."""
@@ -134,6 +147,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
+        _check_types(self)
+        if not self.output_dir.strip():
+            raise ValueError("--output_dir must name a directory, got ''")
         positive = (
             "max_steps",
             "prompts_per_step",
@@ -143,6 +159,7 @@ class TrainConfig:
             "max_new_tokens",
             "eval_batch_size",
             "train_size",
+            "eval_size",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -150,7 +167,7 @@ class TrainConfig:
         for name in (
             "micro_batch_size",
             "gradient_accumulation_steps",
-            "eval_size",
+            "max_prompt_length",
             "save_steps",
             "save_total_limit",
             "warmup_steps",
@@ -185,16 +202,65 @@ class EvalConfig:
     max_new_tokens: int = _f(48, "completion length limit")
     generation_backend: Literal["auto", "vllm", "hf"] = _f("auto", "auto, vllm or hf")
     vllm_kv_cache_bytes: int = _f(256 << 20, "vLLM KV-cache size in bytes")
+    max_prompt_length: int = _f(
+        0, "longest prompt in tokens; 0: what the model's context leaves after max_new_tokens"
+    )
+    truncate_prompts: bool = _f(
+        False, "keep the last max_prompt_length tokens of longer prompts instead of refusing"
+    )
     eval_batch_size: int = _f(64, "prompts per batch")
     seed: int = _f(0, "seed of the generated arithmetic split (must match training's)")
     device: str = _f("auto", "auto, cpu or cuda")
     torch_threads: int = _f(1, "CPU threads for torch; 0 keeps torch's default")
+    debug: bool = _f(False, "on an error, print the full traceback (for bug reports)")
 
     def validate(self) -> None:
-        if self.eval_size <= 0 or self.max_new_tokens <= 0 or self.eval_batch_size <= 0:
-            raise ValueError("--eval_size, --max_new_tokens and --eval_batch_size must be > 0")
+        """Raise ValueError naming the first bad setting."""
+        _check_types(self)
+        for name in ("eval_size", "max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_prompt_length", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+# What a resumed run takes from its checkpoint, whatever the flags say: what defines the
+# run's data and model, and what the optimizer and scheduler states carry. Every other
+# setting takes the value given now.
+RESUME_KEEPS = (
+    "model",
+    "dataset",
+    "eval_dataset",
+    "train_size",
+    "eval_size",
+    "system_prompt",
+    "num_terms_min",
+    "num_terms_max",
+    "num_digits_min",
+    "num_digits_max",
+    "operators",
+    "seed",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+)
+# Settings of the invocation, not of the run.
+RESUME_IGNORES = ("output_dir", "overwrite_output_dir", "resume", "debug")
+
+
+def _check_types(cfg: Any) -> None:
+    """Every field holds its declared type, and every float is finite (a YAML null, or a
+    NaN that compares false with every bound, would otherwise pass the range checks)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, want = getattr(cfg, f.name), hints[f.name]
+        if value is None or (want is not bool and isinstance(value, bool)):
+            raise ValueError(f"--{f.name} needs a value, got {value!r}")
+        if want is float and not math.isfinite(value):
+            raise ValueError(f"--{f.name} must be a finite number, got {value}")
 
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
@@ -237,12 +303,17 @@ def _load_yaml(cls: type, path: str, parser: argparse.ArgumentParser) -> dict[st
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
-    actions = {a.dest: a for a in parser._actions}
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # the flag itself, not its --no_ twin (no type)
+        actions.setdefault(action.dest, action)
     values = {}
     for key, value in data.items():
         action = actions[key]
         try:
-            converted = action.type(value) if action.type and value is not None else value
+            # Through text, as on the command line: int("2.7") fails where int(2.7) is 2.
+            if value is None or isinstance(value, (list, dict)) or not action.type:
+                raise ValueError
+            converted = action.type(str(value))
         except (TypeError, ValueError, argparse.ArgumentTypeError):
             raise ValueError(f"--config {path}: {key}: bad value {value!r}") from None
         if action.choices and converted not in action.choices:

@@ -128,23 +128,32 @@ def make_arithmetic_splits(
     return train, test
 
 
+SOURCE_KEY = "_source"
+"""Row key that :func:`load_jsonl` fills with where the row came from (``file:line``)."""
+
+
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Load question/answer rows from a JSONL file (one JSON object per line).
 
     Every non-blank line must be an object with string (or number) ``question`` and
-    ``answer`` fields; numbers are converted to strings, other fields are kept.
+    ``answer`` fields; numbers become their text as written in the file (``1e20`` stays
+    ``"1e20"``), other fields are kept, and ``row[SOURCE_KEY]`` says ``file:line``.
 
     Raises:
         ValueError: one line naming the file and line number for bad JSON, a missing key,
-            a wrong type, or a file with no rows.
+            a wrong type, text that is not UTF-8, or a file with no rows.
     """
     path = Path(path)
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -157,11 +166,13 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 value = row[key]
                 # bool is an int subclass but "True" is never a meant answer.
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    row[key] = str(value)
+                    # The number's text in the file: str(1e20) would be "1e+20".
+                    row[key] = json.loads(line, parse_int=str, parse_float=str)[key]
                 elif not isinstance(value, str):
                     raise ValueError(
                         f"{where}: {key!r} must be a string or number, got {type(value).__name__}"
                     )
+            row[SOURCE_KEY] = where
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows (empty file)")

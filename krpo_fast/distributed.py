@@ -112,6 +112,15 @@ def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return values
 
 
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (any picklable object); unchanged on one rank."""
+    if not _active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather(values: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's equally sized ``values`` along dim 0, in rank order."""
     if not _active():

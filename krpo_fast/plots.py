@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ def plot_metrics(rows: list[dict[str, Any]], output_dir: str | Path) -> list[Pat
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = Path(output_dir) / f"{key.split('_')[0]}.png"
-        fig.savefig(path, dpi=100)
+        # Through a temporary file: a kill mid-write never leaves a torn plot.
+        tmp = path.with_name(f".{path.name}.tmp")
+        fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
+        os.replace(tmp, path)
         written.append(path)
     return written

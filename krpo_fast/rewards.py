@@ -7,9 +7,10 @@ with one float per completion.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -72,7 +73,8 @@ def load_reward_fn(spec: str) -> RewardFn:
 
     Raises:
         ValueError: for an unknown builtin, a module that fails to import, a missing
-            attribute, or an attribute that is not callable.
+            attribute, an attribute that is not callable, or one that cannot be called
+            as ``fn(prompts, completions, answers)``.
     """
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
@@ -90,6 +92,14 @@ def load_reward_fn(spec: str) -> RewardFn:
         raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
         raise ValueError(f"reward {spec!r}: {attr!r} is not callable")
+    try:
+        inspect.signature(fn).bind([], [], [])
+    except TypeError as e:
+        raise ValueError(
+            f"reward {spec!r} cannot be called as (prompts, completions, answers): {e}"
+        ) from None
+    except ValueError:  # no signature to inspect (some builtins): trust the call
+        pass
     return fn
 
 
@@ -99,10 +109,17 @@ def compute_rewards(
     """Call ``fn`` and check it returned one finite number per completion.
 
     Raises:
-        ValueError: naming the function, for a wrong length, a non-number, or a NaN/inf.
+        ValueError: naming the function, when it raises, or returns something other than
+            a sequence (a dict, a set, a string), a wrong length, a non-number, or a NaN/inf.
     """
     name = getattr(fn, "__qualname__", repr(fn))
-    result = fn(prompts, completions, answers)
+    try:
+        result = fn(prompts, completions, answers)
+    except Exception as e:  # the user's code: whatever it raises, report it as its failure
+        raise ValueError(f"reward {name} raised {type(e).__name__}: {e}") from e
+    # A dict or set would iterate over its keys, a string over its characters.
+    if isinstance(result, (Mapping, set, frozenset, str, bytes)):
+        raise ValueError(f"reward {name} returned {type(result).__name__}, not a list")
     try:
         values = list(result)
     except TypeError:

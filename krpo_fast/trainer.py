@@ -5,13 +5,19 @@ group advantages (Kalman by default) -> old/ref log-probs when needed -> mu epoc
 of packed micro-batches through the fused LM-head loss -> AdamW -> push weights to
 the engine. Everything random in a step derives from (seed, step), so a resumed
 run repeats what the uninterrupted run would have done.
+
+Every setting, the model, the data and the run directory are checked before the run
+directory changes (:func:`start_run`); a failure after that is a
+:class:`TrainingFailed` naming the step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +26,28 @@ import torch
 from tqdm import tqdm
 
 from krpo_fast import distributed
-from krpo_fast.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
-from krpo_fast.config import EvalConfig, TrainConfig
+from krpo_fast.checkpoint import find_resumable, restore_trainer_state, save_checkpoint
+from krpo_fast.config import RESUME_IGNORES, RESUME_KEEPS, EvalConfig, TrainConfig
 from krpo_fast.data import (
     DEFAULT_TASK,
     PAPER_SYSTEM_PROMPT,
+    SOURCE_KEY,
     ArithmeticTask,
     format_prompt,
     load_jsonl,
     make_arithmetic_splits,
 )
+from krpo_fast.logits_ops import policy_loss_from_hidden
 from krpo_fast.ops import group_advantages
 from krpo_fast.plots import plot_metrics
 from krpo_fast.policy import PackedBatch, PolicyLoss, load_policy, pack
-from krpo_fast.rewards import add_reward_noise, compute_rewards, exact_match_reward, load_reward_fn
+from krpo_fast.rewards import (
+    RewardFn,
+    add_reward_noise,
+    compute_rewards,
+    exact_match_reward,
+    load_reward_fn,
+)
 from krpo_fast.rollout import (
     Generator,
     HFGenerator,
@@ -41,25 +55,51 @@ from krpo_fast.rollout import (
     greedy_correct,
     resolve_backend,
 )
+from krpo_fast.run_dir import (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    RunLock,
+    atomic_write_text,
+    clear_run,
+    run_files,
+)
 from krpo_fast.tiny_model import CONFIG_NAME, bundled_model_path, load_model_defaults
+
+# Tokenizers never make a token of more characters than this: a question longer than
+# this many characters per allowed token is over the limit without being tokenized.
+MAX_CHARS_PER_TOKEN = 100
+
+
+class TrainingFailed(Exception):
+    """A failure once training has started (the run directory holds its checkpoints)."""
+
+    def __init__(self, step: int, cause: BaseException) -> None:
+        super().__init__(f"training stopped in step {step}: {cause}")
+        self.step = step
 
 
 def resolve_model(model: str) -> str:
-    """A local model folder, or a Hugging Face id that resolves; else FileNotFoundError."""
+    """A local model folder, or a Hugging Face id that resolves; else ValueError."""
     if not model:
         return str(bundled_model_path())
-    if Path(model).is_dir():
-        if not (Path(model) / "config.json").is_file():
-            raise FileNotFoundError(f"--model {model}: no config.json in this folder")
-        return model
+    if Path(model).is_dir() and not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: no config.json in this folder")
+    if not Path(model).is_dir() and Path(model).exists():
+        raise ValueError(f"--model {model}: a file, not a model folder")
     from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(model)
-    except OSError:
+    except OSError as e:
+        if Path(model).is_dir():
+            raise ValueError(
+                f"--model {model}: config.json does not load ({_first_line(e)})"
+            ) from None
         raise FileNotFoundError(
             f"--model {model}: no such folder, and not a Hugging Face model id"
         ) from None
+    except ValueError as e:  # a readable config.json that transformers cannot use
+        raise ValueError(f"--model {model}: config.json: {_first_line(e)}") from None
     return model
 
 
@@ -79,13 +119,16 @@ def load_rows(
     seed: int,
     task: ArithmeticTask = DEFAULT_TASK,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train rows, held-out rows) from the generated task or JSONL files."""
+    """(train rows, held-out rows) from the generated task or JSONL files.
+
+    ``dataset=""`` loads no training rows (evaluation of ``eval_dataset`` alone).
+    """
     if dataset == "arithmetic":
         train, test = make_arithmetic_splits(train_size, eval_size, seed, task)
+    elif not dataset:
+        train, test = [], []
     else:
-        if not Path(dataset).is_file():
-            raise FileNotFoundError(f"--dataset {dataset}: no such file")
-        rows = load_jsonl(dataset)
+        rows = load_jsonl(_existing_file(dataset, "--dataset"))
         if eval_dataset:
             train, test = rows, []
         else:
@@ -96,10 +139,14 @@ def load_rows(
                 )
             train, test = rows[: len(rows) - eval_size], rows[len(rows) - eval_size :]
     if eval_dataset:
-        if not Path(eval_dataset).is_file():
-            raise FileNotFoundError(f"--eval_dataset {eval_dataset}: no such file")
-        test = load_jsonl(eval_dataset)[:eval_size]
+        test = load_jsonl(_existing_file(eval_dataset, "--eval_dataset"))[:eval_size]
     return train, test
+
+
+def _existing_file(path: str, flag: str) -> str:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    return path
 
 
 def encode_prompts(
@@ -109,6 +156,171 @@ def encode_prompts(
     # A chat template writes its own special tokens (BOS included when it wants one).
     special = not getattr(tokenizer, "chat_template", None)
     return texts, [tokenizer.encode(t, add_special_tokens=special) for t in texts]
+
+
+@dataclass
+class Prompts:
+    """A split's rows with their prompts as text and as token ids."""
+
+    rows: list[dict[str, Any]]
+    texts: list[str]
+    ids: list[list[int]]
+
+
+@dataclass
+class Inputs:
+    """What training and evaluation resolve the same way from their settings."""
+
+    model_path: str
+    system_prompt: str
+    tokenizer: Any
+    train: Prompts
+    held_out: Prompts
+
+
+def resolve_inputs(cfg: TrainConfig | EvalConfig) -> Inputs:
+    """The model folder, system prompt, tokenizer and length-checked prompts of ``cfg``.
+
+    Training reads its train and held-out splits; evaluation reads ``cfg.dataset`` as
+    the held-out split. ValueError names the setting or the file (and line) at fault.
+    """
+    model_path = resolve_model(cfg.model)
+    try:
+        defaults = load_model_defaults(model_path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--model {model_path}: {CONFIG_NAME} does not load ({e})") from None
+    system_prompt = cfg.system_prompt or defaults.get("system_prompt") or PAPER_SYSTEM_PROMPT
+    if isinstance(cfg, TrainConfig):
+        train_rows, eval_rows = load_rows(
+            cfg.dataset, cfg.eval_dataset, cfg.train_size, cfg.eval_size, cfg.seed, cfg.task()
+        )
+    elif cfg.dataset == "arithmetic":
+        train_rows, eval_rows = load_rows("arithmetic", "", 0, cfg.eval_size, cfg.seed)
+    else:
+        train_rows, eval_rows = load_rows("", cfg.dataset, 0, cfg.eval_size, cfg.seed)
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:  # any failure here is a damaged or missing tokenizer file
+        raise ValueError(
+            f"--model {model_path}: the tokenizer does not load ({_first_line(e)})"
+        ) from None
+    max_length = prompt_limit(AutoConfig.from_pretrained(model_path), cfg)
+
+    def prompts(rows: list[dict[str, Any]], split: str) -> Prompts:
+        texts, ids, truncated = [], [], 0
+        for i, row in enumerate(rows):
+            where = row.get(SOURCE_KEY, f"{split} row {i + 1}")
+            question = row["question"]
+            if len(question) > MAX_CHARS_PER_TOKEN * max_length:
+                if not cfg.truncate_prompts:
+                    raise _too_long(where, f"{len(question)} characters", max_length, cfg)
+                # Bound the tokenizer's work (and memory) by the limit, not by the data.
+                question = question[-MAX_CHARS_PER_TOKEN * max_length :]
+            [text], [tokens] = encode_prompts(tokenizer, [question], system_prompt)
+            if len(tokens) > max_length:
+                if not cfg.truncate_prompts:
+                    raise _too_long(where, f"{len(tokens)} tokens", max_length, cfg)
+                tokens = tokens[-max_length:]
+                text = tokenizer.decode(tokens)
+                truncated += 1
+            texts.append(text)
+            ids.append(tokens)
+        if truncated:
+            print(f"notice: truncated {truncated} of {len(rows)} {split} prompts to {max_length}")
+        return Prompts(rows, texts, ids)
+
+    return Inputs(
+        model_path,
+        system_prompt,
+        tokenizer,
+        prompts(train_rows, "train"),
+        prompts(eval_rows, "held-out"),
+    )
+
+
+def prompt_limit(model_config: Any, cfg: TrainConfig | EvalConfig) -> int:
+    """The longest prompt in tokens: ``--max_prompt_length``, and what the model's context
+    leaves after ``--max_new_tokens``."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is None:
+        return cfg.max_prompt_length or 2**31
+    room = context - cfg.max_new_tokens
+    if room <= 0:
+        raise ValueError(
+            f"--max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
+            f"model's context of {context} tokens"
+        )
+    return min(room, cfg.max_prompt_length or room)
+
+
+def _too_long(where: str, size: str, max_length: int, cfg: TrainConfig | EvalConfig) -> ValueError:
+    return ValueError(
+        f"{where}: the prompt is {size}, over the limit of {max_length} tokens "
+        "(--max_prompt_length, or the model's context minus --max_new_tokens); "
+        "shorten it, or pass --truncate_prompts to keep its last tokens"
+    )
+
+
+def load_model(
+    path: str | Path, device: torch.device, trainable: bool = True, checkpointing: bool = False
+) -> torch.nn.Module:
+    """:func:`load_policy` with one-line errors: damaged weights, or NaN/inf in them."""
+    try:
+        model = load_policy(path, device, trainable, checkpointing)
+    except Exception as e:  # whatever the loaders raise, the weights at `path` are at fault
+        raise ValueError(f"{path}: the model weights do not load ({_first_line(e)})") from None
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ValueError(f"{path}: the model weights hold NaN or inf (in {name})")
+    return model
+
+
+def check_loss_settings(cfg: TrainConfig) -> None:
+    """Run the advantage and loss ops once on a dummy batch with the run's settings, so a
+    value they reject fails now rather than at step 1."""
+    try:
+        group_advantages(
+            torch.zeros(cfg.group_size),
+            group_size=cfg.group_size,
+            mode=cfg.adv_mode,
+            process_var=cfg.process_var,
+            meas_var=cfg.meas_var,
+        )
+        policy_loss_from_hidden(
+            torch.zeros(1, 1, 2),
+            torch.zeros(3, 2),
+            torch.zeros(1, 1, dtype=torch.long),
+            None,
+            torch.zeros(1, 1) if cfg.beta > 0 else None,
+            torch.zeros(1),
+            torch.ones(1, 1),
+            temperature=cfg.temperature,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            beta=cfg.beta,
+            loss_agg=cfg.loss_agg,
+            max_len=cfg.max_new_tokens,
+        )
+    except ValueError as e:
+        raise ValueError(f"a setting the loss rejects: {e}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def error_line(error: BaseException) -> str:
+    """One line for the user: the file and reason of an OSError, else the message."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{where}: {error.strerror}" if where else error.strerror
+    if isinstance(error, TrainingFailed) and error.__cause__ is not None:
+        return f"training stopped in step {error.step}: {error_line(error.__cause__)}"
+    return _first_line(error)
 
 
 def make_generator(
@@ -232,22 +444,58 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run KRPO training as configured; return the summary (also written to summary.json).
 
     Under ``torchrun`` each rank takes an equal share of every step's prompts; rank 0
-    writes the metrics, plots, summary and checkpoints.
+    owns the run directory and writes the metrics, plots, summary and checkpoints.
+    Raises ValueError/OSError before the run directory changes, :class:`TrainingFailed`
+    after.
     """
     started = time.perf_counter()
+    cfg.validate()
     setup(cfg.torch_threads)
     rank, world, device = distributed.setup(resolve_device(cfg.device))
+    lock = RunLock(cfg.output_dir)
     try:
-        summary = _train(cfg, rank, world, device, started)
+        run = start_run(cfg, rank, world, device, lock)
+        try:
+            summary = _train(run, started)
+        except Exception as e:
+            raise TrainingFailed(run.progress["step"] + 1, e) from e
         distributed.barrier()  # no rank tears the group down while another still uses it
         return summary
     finally:
+        lock.release()
         distributed.shutdown()
 
 
-def _train(
-    cfg: TrainConfig, rank: int, world: int, device: torch.device, started: float
-) -> dict[str, Any]:
+@dataclass
+class Run:
+    """Everything the training loop uses, as :func:`start_run` set it up."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    inputs: Inputs
+    reward_fn: RewardFn
+    backend: str
+    policy: torch.nn.Module  # the HF model
+    model: torch.nn.Module  # PolicyLoss around it, maybe wrapped in DDP/FSDP2
+    ref: torch.nn.Module | None  # the frozen reference (beta > 0)
+    sharded: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: Generator
+    progress: dict[str, Any]  # step, accuracy_before, elapsed: what a checkpoint carries
+
+
+def start_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, lock: RunLock) -> Run:
+    """Check everything, take the run directory, load the models, restore a checkpoint.
+
+    Nothing in the run directory changes until every check has passed and every model
+    has loaded: then a fresh run empties the metrics (``--overwrite_output_dir`` deletes
+    the previous run's files first) and a resumed one drops the metrics rows logged after
+    its checkpoint.
+    """
     main_rank = rank == 0
     if cfg.prompts_per_step % world:
         raise ValueError(
@@ -256,28 +504,34 @@ def _train(
         )
     if world > 1 and cfg.vllm_tensor_parallel_size > 1:
         raise ValueError("--vllm_tensor_parallel_size > 1 is for single-process runs")
-    if cfg.fsdp and world == 1:
+    if cfg.resume and cfg.overwrite_output_dir:
+        raise ValueError("--resume continues the run, --overwrite_output_dir deletes it: pick one")
+    if cfg.fsdp and world == 1 and main_rank:
         print("notice: --fsdp has no effect on one rank (launch with torchrun)")
-    model_path = resolve_model(cfg.model)
+    check_loss_settings(cfg)
     out = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg.resume, out)
-    system_prompt = (
-        cfg.system_prompt
-        or load_model_defaults(model_path).get("system_prompt")
-        or PAPER_SYSTEM_PROMPT
-    )
-    train_rows, eval_rows = load_rows(
-        cfg.dataset, cfg.eval_dataset, cfg.train_size, cfg.eval_size, cfg.seed, cfg.task()
-    )
+
+    # Rank 0 owns the directory; the others learn its verdict (and the checkpoint).
+    claim: tuple[str | None, str | None] = (None, None)
+    failure = None
+    if main_rank:
+        try:
+            claim = (None, claim_run_directory(cfg, out, lock))
+        except (ValueError, OSError) as e:
+            failure, claim = e, (error_line(e), None)
+    error, resume_path = distributed.broadcast_object(claim)
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise ValueError(f"rank 0: {error}")
+    state = None
+    if resume_path is not None:
+        resume_from, state, skipped = find_resumable(resume_path, out)
+        cfg = settings_on_resume(cfg, state.get("config"), main_rank)
+
+    inputs = resolve_inputs(cfg)
     reward_fn = load_reward_fn(cfg.reward)
     backend = resolve_backend(cfg.generation_backend, device)
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     autocast = torch.autocast(
         "cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16
     )
@@ -290,12 +544,13 @@ def _train(
         max_len=cfg.max_new_tokens,
         autocast=autocast,
     )
-    policy = load_policy(resume_from or model_path, device, True, cfg.gradient_checkpointing)
+    start_weights = resume_from if state is not None else inputs.model_path
+    policy = load_model(start_weights, device, True, cfg.gradient_checkpointing)
     sharded = cfg.fsdp and world > 1
     model = distributed.wrap(PolicyLoss(policy, **settings), sharded, device)
     ref = None
     if cfg.beta > 0:
-        frozen = PolicyLoss(load_policy(model_path, device, trainable=False), **settings)
+        frozen = PolicyLoss(load_model(inputs.model_path, device, trainable=False), **settings)
         ref = distributed.wrap(frozen, True, device) if sharded else frozen
     # After wrapping: FSDP2 replaces the parameters with sharded ones.
     optimizer = torch.optim.AdamW(
@@ -305,63 +560,141 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1))
     )
+
+    # Every check passed: the run directory changes from here on.
+    metrics_path = out / METRICS_FILE
+    progress: dict[str, Any] = {"step": 0, "accuracy_before": None, "elapsed": 0.0}
+    if main_rank and state is None:
+        if cfg.overwrite_output_dir:
+            clear_run(out)
+        atomic_write_text(metrics_path, "")
+    if state is not None:
+        restore_trainer_state(state, None, scheduler)
+        distributed.load_optimizer_state(policy, optimizer, state["optimizer"])
+        progress = {k: state[k] for k in progress}
+        if main_rank:
+            for path, why in skipped:
+                # Renamed so that checkpoint rotation never counts it as a kept one.
+                path.rename(path.with_name(path.name + ".unreadable"))
+                print(f"notice: skipped {path.name} ({why}); renamed it {path.name}.unreadable")
+            # Rows logged after the checkpoint by the killed run are redone.
+            kept = [r for r in read_metrics(metrics_path) if r["step"] <= progress["step"]]
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            print(f"resumed from {resume_from} at step {progress['step']}")
+
     generator = make_generator(
-        backend, model_path, policy, tokenizer, device, cfg, str(out / ".vllm_cache"), sharded
+        backend,
+        inputs.model_path,
+        policy,
+        inputs.tokenizer,
+        device,
+        cfg,
+        str(out / ".vllm_cache"),
+        sharded,
     )
     # Seed after the engine exists: vLLM reseeds the global RNGs when it starts.
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    if state is None:
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+    return Run(
+        cfg, rank, world, device, out, inputs, reward_fn, backend, policy, model, ref,
+        sharded, optimizer, scheduler, generator, progress,
+    )  # fmt: skip
 
-    run = {"step": 0, "accuracy_before": None, "elapsed": 0.0}
-    metrics_path = out / "metrics.jsonl"
-    if resume_from is not None:
-        state = load_trainer_state(resume_from, None, scheduler)
-        distributed.load_optimizer_state(policy, optimizer, state["optimizer"])
-        run = {k: state[k] for k in run}
-        if main_rank:
-            # Rows logged after the checkpoint by the killed run are redone below.
-            rows = _read_jsonl(metrics_path, torn_ok=True)
-            kept = [r for r in rows if r["step"] <= run["step"]]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            print(f"resumed from {resume_from} at step {run['step']}")
-    elif main_rank:
-        metrics_path.write_text("")
 
-    train_texts, train_ids = encode_prompts(
-        tokenizer, [r["question"] for r in train_rows], system_prompt
-    )
+def claim_run_directory(cfg: TrainConfig, out: Path, lock: RunLock) -> str | None:
+    """Lock ``out`` for this run and check that the run may use it; return what to resume
+    ('latest' or a checkpoint path), None for a fresh run. Changes nothing but the lock."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out}: a file, not a directory")
+    lock.acquire()
+    holder = lock.previous_holder
+    if holder:
+        print(
+            f"notice: took over the lock of a run that is gone (pid {holder.get('pid')} on "
+            f"{holder.get('host')})"
+        )
+    if cfg.resume:
+        # Checks that a loadable checkpoint exists; the ranks read it after this.
+        find_resumable(cfg.resume, out)
+        return cfg.resume
+    found = run_files(out)
+    if found and not cfg.overwrite_output_dir:
+        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(
+            f"--output_dir {out} holds another run ({names}): continue it with --resume, "
+            "or start over with --overwrite_output_dir (deletes it)"
+        )
+    return None
+
+
+def settings_on_resume(
+    cfg: TrainConfig, saved: dict[str, Any] | None, announce: bool
+) -> TrainConfig:
+    """``cfg`` with the settings a resumed run keeps from its checkpoint (RESUME_KEEPS);
+    one notice names every setting that differs, and which value the run uses."""
+    if not saved:
+        return cfg
+    changed = [
+        f.name
+        for f in dataclasses.fields(cfg)
+        if f.name not in RESUME_IGNORES
+        and f.name in saved
+        and saved[f.name] != getattr(cfg, f.name)
+    ]
+    kept = [n for n in changed if n in RESUME_KEEPS]
+    taken = [n for n in changed if n not in RESUME_KEEPS]
+    if announce and changed:
+        parts = []
+        if kept:
+            values = ", ".join(f"{n}={saved[n]!r} (not {getattr(cfg, n)!r})" for n in kept)
+            parts.append(f"keeps the run's {values}")
+        if taken:
+            values = ", ".join(f"{n}={getattr(cfg, n)!r} (was {saved[n]!r})" for n in taken)
+            parts.append(f"takes the new {values}")
+        print(f"notice: --resume {'; '.join(parts)}")
+    return dataclasses.replace(cfg, **{n: saved[n] for n in kept})
+
+
+def _train(run: Run, started: float) -> dict[str, Any]:
+    """The loop: rollouts, rewards, advantages, updates, metrics, checkpoints, per step."""
+    cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
+    policy, model, ref, optimizer, scheduler = (
+        run.policy, run.model, run.ref, run.optimizer, run.scheduler,
+    )  # fmt: skip
+    generator, tokenizer, progress = run.generator, run.inputs.tokenizer, run.progress
+    main_rank = rank == 0
+    train, held_out = run.inputs.train, run.inputs.held_out
+    metrics_path = run.out / METRICS_FILE
     # Each rank scores every world-th held-out row; the counts are summed.
-    _, eval_ids = encode_prompts(
-        tokenizer, [r["question"] for r in eval_rows[rank::world]], system_prompt
-    )
-    eval_answers = [r["answer"] for r in eval_rows[rank::world]]
+    eval_ids = held_out.ids[rank::world]
+    eval_answers = [r["answer"] for r in held_out.rows[rank::world]]
 
     def held_out_accuracy() -> float:
         correct = greedy_correct(
             generator, tokenizer, eval_ids, eval_answers, cfg.max_new_tokens, cfg.eval_batch_size
         )
         total = distributed.all_reduce(torch.tensor([sum(correct)], dtype=torch.float64))
-        return total.item() / len(eval_rows)
+        return total.item() / len(held_out.rows)
 
-    if run["accuracy_before"] is None:
-        run["accuracy_before"] = held_out_accuracy()
+    if progress["accuracy_before"] is None:
+        progress["accuracy_before"] = held_out_accuracy()
         if main_rank:
-            print(f"held-out accuracy before training: {run['accuracy_before']:.3f}")
+            print(f"held-out accuracy before training: {progress['accuracy_before']:.3f}")
 
     G, P = cfg.group_size, cfg.prompts_per_step
-    B = P * G
     local_prompts = P // world
     local_seqs = local_prompts * G
     micro = cfg.micro_batch_size or local_seqs
     chunks = _batches(local_seqs, micro)
     accum = cfg.gradient_accumulation_steps or len(chunks)
     groups = [list(range(s, min(s + accum, len(chunks)))) for s in range(0, len(chunks), accum)]
-    copy_files = [p for p in [Path(model_path) / CONFIG_NAME] if p.is_file()]
+    copy_files = [p for p in [Path(run.inputs.model_path) / CONFIG_NAME] if p.is_file()]
     spread = GradientSpread(list(policy.parameters())) if cfg.log_grad_variance else None
     bar = tqdm(
-        range(run["step"], cfg.max_steps),
-        initial=run["step"],
+        range(progress["step"], cfg.max_steps),
+        initial=progress["step"],
         total=cfg.max_steps,
         desc="krpo",
         dynamic_ncols=True,
@@ -372,9 +705,9 @@ def _train(
         t0 = time.perf_counter()
         # --- rollouts: every rank draws the same global prompts and keeps its share
         rng = np.random.default_rng([cfg.seed, step])
-        picks = rng.choice(len(train_rows), size=P, replace=P > len(train_rows)).tolist()
+        picks = rng.choice(len(train.rows), size=P, replace=P > len(train.rows)).tolist()
         picks = picks[rank * local_prompts : (rank + 1) * local_prompts]
-        prompt_ids = [train_ids[i] for i in picks]
+        prompt_ids = [train.ids[i] for i in picks]
         completion_ids = generator.generate(
             prompt_ids,
             G,
@@ -385,9 +718,9 @@ def _train(
         )
         t_gen = time.perf_counter() - t0
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        prompts = [train_texts[i] for i in picks for _ in range(G)]
-        answers = [train_rows[i]["answer"] for i in picks for _ in range(G)]
-        rewards = torch.tensor(compute_rewards(reward_fn, prompts, texts, answers))
+        prompts = [train.texts[i] for i in picks for _ in range(G)]
+        answers = [train.rows[i]["answer"] for i in picks for _ in range(G)]
+        rewards = torch.tensor(compute_rewards(run.reward_fn, prompts, texts, answers))
         clean_rewards = rewards
         if cfg.reward_noise or cfg.reward_flip_rate:
             noise_rng = torch.Generator().manual_seed(_sample_seed(cfg.seed, step) + 17 + rank)
@@ -445,71 +778,50 @@ def _train(
         generator.sync(distributed.full_model_state(policy))
         t_train = time.perf_counter() - t1
 
-        # --- metrics over the global batch
-        all_rewards = distributed.gather(rewards.float())
-        all_advantages = distributed.gather(advantages.detach().float().cpu())
-        lengths = torch.tensor([float(len(c)) for c in completion_ids])
-        sums = distributed.all_reduce(
-            torch.tensor(
-                [
-                    float(correct.sum()),
-                    float(lengths.sum()),
-                    float(clean_rewards.sum()),
-                    float(cfg.epochs_per_step * sum(p.n_tokens for p in packed)),
-                ],
-                dtype=torch.float64,
-            )
+        # --- metrics over the global batch, held-out accuracy when due
+        row = step_metrics(
+            cfg,
+            step,
+            rewards=rewards,
+            clean_rewards=clean_rewards,
+            advantages=advantages,
+            correct=correct,
+            completion_ids=completion_ids,
+            train_tokens=cfg.epochs_per_step * sum(p.n_tokens for p in packed),
+            stats=stats,
+            norms=norms,
+            spreads=spreads if spread is not None else None,
+            skipped=skipped,
+            lr=scheduler.get_last_lr()[0],
+            seconds=(t_gen, t_train, time.perf_counter() - t0),
         )
-        n_correct, gen_tokens, clean_sum, train_tokens = sums.tolist()
-        slowest = distributed.all_reduce(torch.tensor([t_gen, t_train]), "max").tolist()
-        row = {
-            "step": step + 1,
-            "reward_mean": all_rewards.mean().item(),
-            "reward_std": all_rewards.std().item() if B > 1 else 0.0,
-            "accuracy": n_correct / B,
-            "adv_mean": all_advantages.mean().item(),
-            "adv_var": all_advantages.var().item() if B > 1 else 0.0,
-            "kl": _global_mean(stats["kl"]),
-            "clip_fraction": _global_mean(stats["clip_fraction"]),
-            "loss": _global_mean(stats["loss"]),
-            "grad_norm": _mean(norms),
-            "lr": scheduler.get_last_lr()[0],
-            "skipped_updates": skipped,
-            "completion_len": gen_tokens / B,
-            "gen_tokens_per_s": gen_tokens / slowest[0],
-            "train_tokens_per_s": train_tokens / slowest[1],
-            "step_time": time.perf_counter() - t0,
-        }
-        if cfg.reward_noise or cfg.reward_flip_rate:
-            row["reward_clean_mean"] = clean_sum / B
-        if spread is not None:
-            row["grad_var"] = _global_mean([v for v, _ in spreads])
-            row["grad_mean_sq"] = _global_mean([m for _, m in spreads])
         if step + 1 == cfg.max_steps or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0):
             row["eval_accuracy"] = last_eval = held_out_accuracy()
         if main_rank:
-            with metrics_path.open("a") as fh:
+            with metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
             if skipped:
                 tqdm.write(f"step {step + 1}: skipped {skipped} update(s) with a non-finite loss")
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}")
 
-        run["step"] = step + 1
+        # --- checkpoint
+        progress["step"] = step + 1
         last = step + 1 == cfg.max_steps
-        if last or (cfg.save_steps and run["step"] % cfg.save_steps == 0):
-            run_now = {**run, "elapsed": run["elapsed"] + time.perf_counter() - started}
+        if last or (cfg.save_steps and progress["step"] % cfg.save_steps == 0):
+            elapsed = progress["elapsed"] + time.perf_counter() - started
+            extra = {**progress, "elapsed": elapsed, "config": dataclasses.asdict(cfg)}
             # Gathering a sharded state needs every rank; writing it needs one.
-            model_state = distributed.full_model_state(policy) if sharded else None
+            model_state = distributed.full_model_state(policy) if run.sharded else None
             optimizer_state = distributed.full_optimizer_state(policy, optimizer)
             if main_rank:
                 save_checkpoint(
-                    out,
-                    run["step"],
+                    run.out,
+                    progress["step"],
                     policy,
                     tokenizer,
                     optimizer,
                     scheduler,
-                    run_now,
+                    extra,
                     copy_files,
                     cfg.save_total_limit,
                     model_state,
@@ -521,60 +833,114 @@ def _train(
     if last_eval is None:  # resumed from the final checkpoint: nothing ran
         last_eval = held_out_accuracy()
     summary = {
-        "accuracy_before": run["accuracy_before"],
+        "accuracy_before": progress["accuracy_before"],
         "accuracy_after": last_eval,
-        "eval_size": len(eval_rows),
-        "steps": run["step"],
-        "wall_time_s": round(run["elapsed"] + time.perf_counter() - started, 1),
-        "generation_backend": backend,
+        "eval_size": len(held_out.rows),
+        "steps": progress["step"],
+        "wall_time_s": round(progress["elapsed"] + time.perf_counter() - started, 1),
+        "generation_backend": run.backend,
         "world_size": world,
-        "model": model_path,
-        "final_checkpoint": str(out / f"checkpoint-{run['step']}"),
+        "model": run.inputs.model_path,
+        "final_checkpoint": str(run.out / f"checkpoint-{progress['step']}"),
     }
     if main_rank:
-        rows = _read_jsonl(metrics_path)
+        rows = read_metrics(metrics_path)
         if rows:
-            plot_metrics(rows, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            plot_metrics(rows, run.out)
+        atomic_write_text(run.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def step_metrics(
+    cfg: TrainConfig,
+    step: int,
+    *,
+    rewards: torch.Tensor,
+    clean_rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    correct: torch.Tensor,
+    completion_ids: list[list[int]],
+    train_tokens: int,
+    stats: dict[str, list[float]],
+    norms: list[float],
+    spreads: list[tuple[float, float]] | None,
+    skipped: int,
+    lr: float,
+    seconds: tuple[float, float, float],
+) -> dict[str, Any]:
+    """One ``metrics.jsonl`` row: this rank's numbers gathered over every rank.
+
+    ``seconds``: (generation, training, whole step) on this rank; throughput uses the
+    slowest rank's.
+    """
+    B = cfg.prompts_per_step * cfg.group_size
+    all_rewards = distributed.gather(rewards.float())
+    all_advantages = distributed.gather(advantages.detach().float().cpu())
+    lengths = torch.tensor([float(len(c)) for c in completion_ids])
+    sums = distributed.all_reduce(
+        torch.tensor(
+            [
+                float(correct.sum()),
+                float(lengths.sum()),
+                float(clean_rewards.sum()),
+                float(train_tokens),
+            ],
+            dtype=torch.float64,
+        )
+    )
+    n_correct, gen_tokens, clean_sum, all_train_tokens = sums.tolist()
+    t_gen, t_train, t_step = seconds
+    slowest = distributed.all_reduce(torch.tensor([t_gen, t_train]), "max").tolist()
+    row = {
+        "step": step + 1,
+        "reward_mean": all_rewards.mean().item(),
+        "reward_std": all_rewards.std().item() if B > 1 else 0.0,
+        "accuracy": n_correct / B,
+        "adv_mean": all_advantages.mean().item(),
+        "adv_var": all_advantages.var().item() if B > 1 else 0.0,
+        "kl": _global_mean(stats["kl"]),
+        "clip_fraction": _global_mean(stats["clip_fraction"]),
+        "loss": _global_mean(stats["loss"]),
+        "grad_norm": _mean(norms),
+        "lr": lr,
+        "skipped_updates": skipped,
+        "completion_len": gen_tokens / B,
+        "gen_tokens_per_s": gen_tokens / slowest[0],
+        "train_tokens_per_s": all_train_tokens / slowest[1],
+        "step_time": t_step,
+    }
+    if cfg.reward_noise or cfg.reward_flip_rate:
+        row["reward_clean_mean"] = clean_sum / B
+    if spreads is not None:
+        row["grad_var"] = _global_mean([v for v, _ in spreads])
+        row["grad_mean_sq"] = _global_mean([m for _, m in spreads])
+    return row
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Greedy held-out accuracy of a model (through vLLM when ``auto`` picks it)."""
+    cfg.validate()
     setup(cfg.torch_threads)
     device = resolve_device(cfg.device)
-    model_path = resolve_model(cfg.model)
-    system_prompt = (
-        cfg.system_prompt
-        or load_model_defaults(model_path).get("system_prompt")
-        or PAPER_SYSTEM_PROMPT
-    )
-    if cfg.dataset == "arithmetic":
-        _, rows = make_arithmetic_splits(0, cfg.eval_size, cfg.seed)
-    elif not Path(cfg.dataset).is_file():
-        raise FileNotFoundError(f"--dataset {cfg.dataset}: no such file")
-    else:
-        rows = load_jsonl(cfg.dataset)[: cfg.eval_size]
+    inputs = resolve_inputs(cfg)
     backend = resolve_backend(cfg.generation_backend, device)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    policy = load_policy(model_path, device, trainable=False)
-    generator = make_generator(backend, model_path, policy, tokenizer, device, cfg, None)
-    _, ids = encode_prompts(tokenizer, [r["question"] for r in rows], system_prompt)
+    policy = load_model(inputs.model_path, device, trainable=False)
+    generator = make_generator(
+        backend, inputs.model_path, policy, inputs.tokenizer, device, cfg, None
+    )
+    held_out = inputs.held_out
     correct = greedy_correct(
         generator,
-        tokenizer,
-        ids,
-        [r["answer"] for r in rows],
+        inputs.tokenizer,
+        held_out.ids,
+        [r["answer"] for r in held_out.rows],
         cfg.max_new_tokens,
         cfg.eval_batch_size,
     )
     return {
-        "accuracy": sum(correct) / len(rows),
-        "n": len(rows),
-        "model": model_path,
+        "accuracy": sum(correct) / len(held_out.rows),
+        "n": len(held_out.rows),
+        "model": inputs.model_path,
         "generation_backend": backend,
     }
 
@@ -589,14 +955,26 @@ def _global_mean(values: list[float]) -> float | None:
     return total[0].item() / total[1].item() if total[1] else None
 
 
-def _read_jsonl(path: Path, torn_ok: bool = False) -> list[dict[str, Any]]:
-    """Rows of a metrics file; ``torn_ok`` drops a last line cut short by a kill."""
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics file; a last line cut short by a kill is dropped, any other
+    damage is a ValueError naming the file and line."""
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if torn_ok and lines:
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:
-            lines.pop()
-    return [json.loads(line) for line in lines]
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError
+        except ValueError:
+            if lineno == len(lines):
+                break  # torn by a kill mid-write: that step is redone
+            raise ValueError(
+                f"{path}:{lineno}: not a metrics row (damaged file; move it away to "
+                "resume without the earlier rows)"
+            ) from None
+        rows.append(row)
+    return rows

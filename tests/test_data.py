@@ -7,6 +7,7 @@ import pytest
 from krpo_fast.data import (
     DEFAULT_TASK,
     PAPER_SYSTEM_PROMPT,
+    SOURCE_KEY,
     ArithmeticTask,
     format_prompt,
     is_test_question,
@@ -72,13 +73,31 @@ def test_load_jsonl_accepts_good_rows(tmp_path):
         "",
         json.dumps({"question": "half of 3", "answer": 1.5}),
         json.dumps({"question": "10-3", "answer": 7}),
+        '{"question": "big", "answer": 1e20}',
+        '{"question": "exact", "answer": 2.50}',
     ]
-    rows = load_jsonl(write(tmp_path, "\n".join(lines) + "\n"))
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    rows = load_jsonl(path)
+    assert [r.pop(SOURCE_KEY) for r in rows] == [f"{path}:{n}" for n in (1, 3, 4, 5, 6)]
     assert rows == [
         {"question": "2+2?", "answer": "4", "id": 7},
         {"question": "half of 3", "answer": "1.5"},
         {"question": "10-3", "answer": "7"},
+        {"question": "big", "answer": "1e20"},  # as written: str(1e20) is "1e+20"
+        {"question": "exact", "answer": "2.50"},
     ]
+
+
+def test_load_jsonl_rejects_text_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(
+        '{"question": "1+1", "answer": "2"}\n{"question": "caf\u00e9", "answer": "1"}\n'.encode(
+            "latin-1"
+        )
+    )
+    with pytest.raises(ValueError, match="not UTF-8") as info:
+        load_jsonl(path)
+    assert f"{path}:2:" in str(info.value)
 
 
 @pytest.mark.parametrize(
