@@ -152,7 +152,7 @@ def completion_logprobs(
     with autocast or contextlib.nullcontext():
         hidden = completion_hidden(model, batch)
     logits = hidden @ model.get_output_embeddings().weight.to(hidden.dtype).T
-    return selective_log_softmax(logits, batch.targets, temperature) * batch.mask
+    return selective_log_softmax(logits, batch.targets, temperature=temperature) * batch.mask
 
 
 class PolicyLoss(torch.nn.Module):
