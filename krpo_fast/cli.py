@@ -1,8 +1,11 @@
 """Command line: ``krpo-fast train``, ``eval``, ``bench`` and ``study``.
 
-Bad input (a missing model, malformed dataset rows, a broken reward function, a bad
-config value) ends with one line ``error: <message>`` and exit status 2; unknown
-flags get argparse's usual one-line error.
+Every failure of ``train`` and ``eval`` ends with one line ``error: <message>`` naming
+the setting or the file at fault: exit status 2 when nothing was trained (a bad value,
+a missing or damaged model, dataset or checkpoint, a run directory in use or not
+writable), 1 when training had started (the run directory keeps its checkpoints:
+continue with ``--resume``). ``--debug`` also prints the traceback. Unknown flags get
+argparse's usual one-line error.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from krpo_fast.config import EvalConfig, TrainConfig, parse_config
@@ -42,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return study_main(rest)
     from transformers.utils import logging as hf_logging
 
-    from krpo_fast.trainer import evaluate, train
+    from krpo_fast.trainer import TrainingFailed, error_line, evaluate, train
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars; ours is the step bar
 
+    cfg: TrainConfig | EvalConfig | None = None
     try:
         if command == "train":
             cfg = parse_config(TrainConfig, rest, "krpo-fast train", "Train with KRPO or GRPO.")
@@ -59,9 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = parse_config(EvalConfig, rest, "krpo-fast eval", "Greedy held-out accuracy.")
             print(json.dumps(evaluate(cfg)))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # the one error path: a line for the user, a traceback on request
+        if cfg.debug if cfg is not None else "--debug" in rest:
+            traceback.print_exc()
+        cause = e.__cause__ if isinstance(e, TrainingFailed) else e
+        expected = isinstance(cause, (ValueError, TypeError, OSError))
+        hint = "" if expected else " (an internal error: run with --debug for the traceback)"
+        print(f"error: {error_line(e)}{hint}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingFailed) else 2
     return 0
 
 

@@ -458,7 +458,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         try:
             summary = _train(run, started)
         except Exception as e:
-            raise TrainingFailed(run.progress["step"] + 1, e) from e
+            raise TrainingFailed(run.current_step, e) from e
         distributed.barrier()  # no rank tears the group down while another still uses it
         return summary
     finally:
@@ -486,6 +486,7 @@ class Run:
     scheduler: Any
     generator: Generator
     progress: dict[str, Any]  # step, accuracy_before, elapsed: what a checkpoint carries
+    current_step: int = 0  # the step being run (1-based), for error messages
 
 
 def start_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, lock: RunLock) -> Run:
@@ -665,6 +666,7 @@ def _train(run: Run, started: float) -> dict[str, Any]:
     )  # fmt: skip
     generator, tokenizer, progress = run.generator, run.inputs.tokenizer, run.progress
     main_rank = rank == 0
+    run.current_step = progress["step"] + 1
     train, held_out = run.inputs.train, run.inputs.held_out
     metrics_path = run.out / METRICS_FILE
     # Each rank scores every world-th held-out row; the counts are summed.
@@ -702,6 +704,7 @@ def _train(run: Run, started: float) -> dict[str, Any]:
     )
     last_eval = None
     for step in bar:
+        run.current_step = step + 1
         t0 = time.perf_counter()
         # --- rollouts: every rank draws the same global prompts and keeps its share
         rng = np.random.default_rng([cfg.seed, step])
