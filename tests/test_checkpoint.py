@@ -9,6 +9,9 @@ from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from krpo_fast.checkpoint import (
+    STATE_FILE,
+    check_weights,
+    find_resumable,
     list_checkpoints,
     load_trainer_state,
     resolve_resume,
@@ -67,3 +70,29 @@ def test_resume_errors(tmp_path):
         resolve_resume("latest", tmp_path)
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         resolve_resume(str(tmp_path), tmp_path)
+    # A checkpoint of another run directory is not this run's to continue.
+    model, tok, opt, sched = _parts()
+    other = tmp_path / "other"
+    save_checkpoint(other, 1, model, tok, opt, sched, {}, [], 0)
+    with pytest.raises(ValueError, match="not a checkpoint of --output_dir"):
+        resolve_resume(str(other / "checkpoint-1"), tmp_path)
+
+
+def test_damaged_checkpoints_are_skipped_newest_first(tmp_path):
+    model, tok, opt, sched = _parts()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, tok, opt, sched, {}, [], 0)
+    weights = tmp_path / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    (tmp_path / "checkpoint-2" / STATE_FILE).write_bytes(b"garbage")
+    path, state, skipped = find_resumable("latest", tmp_path)
+    assert path.name == "checkpoint-1" and state["step"] == 1
+    assert [(p.name, why.split(" ")[0]) for p, why in skipped] == [
+        ("checkpoint-3", "model.safetensors"),
+        ("checkpoint-2", STATE_FILE),
+    ]
+    assert "truncated" in skipped[0][1]
+    # A named checkpoint is not replaced by another one.
+    with pytest.raises(ValueError, match="checkpoint-3: model.safetensors is truncated"):
+        find_resumable(str(tmp_path / "checkpoint-3"), tmp_path)
+    check_weights(tmp_path / "checkpoint-1")

@@ -90,6 +90,31 @@ def test_compute_rewards_checks_results():
         compute_rewards(text, *args)
     with pytest.raises(ValueError, match="scalar returned float"):
         compute_rewards(scalar, *args)
+    # A dict or set iterates over its keys, a string over its characters: never rewards.
+    for result in ({0.0: "x", 1.0: "y"}, {0.0, 1.0}, "10"):
+        with pytest.raises(ValueError, match="not a list"):
+            compute_rewards(lambda p, c, a, r=result: r, *args)
+    assert compute_rewards(lambda p, c, a: torch.tensor([0.5, 1.0]), *args) == [0.5, 1.0]
+
+    def raises(prompts, completions, answers):
+        raise KeyError("grade")
+
+    with pytest.raises(ValueError, match="raises raised KeyError: 'grade'"):
+        compute_rewards(raises, *args)
+
+
+def test_load_reward_fn_checks_the_signature(tmp_path, monkeypatch):
+    (tmp_path / "sig_rewards.py").write_text(
+        "def one(completions):\n    return []\n"
+        "def flexible(*args, **kwargs):\n    return []\n"
+        "def extra(prompts, completions, answers, scale=1.0):\n    return []\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="cannot be called as"):
+        load_reward_fn("sig_rewards:one")
+    assert load_reward_fn("sig_rewards:flexible")
+    assert load_reward_fn("sig_rewards:extra")
+    sys.modules.pop("sig_rewards", None)
 
 
 def test_reward_noise_flips_and_gaussian():
