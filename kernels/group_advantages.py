@@ -116,13 +116,15 @@ def _group_advantages_kernel(
                 r = tl.load(rewards_ptr + start + k, mask=valid, other=0.0).to(tl.float32)
                 sq += tl.where(valid, (r - mean) * (r - mean), 0.0)
             std = tl.sqrt(sq / tl.maximum(length - 1, 1))
-            # A group of one has no spread: advantage 0 rather than 0 / 0.
-            scale = tl.where(length > 1, 1.0 / (std + eps), 0.0)
+            # A group of one has no spread, nor one of equal rewards with eps = 0 (its
+            # deviations are exactly 0): advantage 0 rather than 0 / 0.
+            scale = tl.where((length > 1) & (std + eps > 0), 1.0 / (std + eps), 0.0)
         elif MODE == 2:
             scale = tl.zeros([BLOCK_GROUPS], tl.float32) + 1.0
         else:
             _, batch_std = batch_mean_std(rewards_ptr, n_rewards, BLOCK_BATCH)
-            scale = tl.zeros([BLOCK_GROUPS], tl.float32) + 1.0 / (batch_std + eps)
+            inverse = tl.where(batch_std + eps > 0, 1.0 / (batch_std + eps), 0.0)
+            scale = tl.zeros([BLOCK_GROUPS], tl.float32) + inverse
         for k in range(0, n_steps):
             valid = k < length
             r = tl.load(rewards_ptr + start + k, mask=valid, other=0.0).to(tl.float32)

@@ -87,12 +87,14 @@ def row_advantage(
                 d = r.to(tl.float32) - mean
                 sq += tl.where(valid, d * d, 0.0)
             std = tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(length - 1, 1))
-            # A group of one has no spread: advantage 0 rather than 0 / 0.
-            return tl.where(length > 1, (own - mean) / (std + eps), 0.0)
+            # A group of one has no spread, nor one of equal rewards with eps = 0:
+            # advantage 0 rather than 0 / 0.
+            return tl.where((length > 1) & (std + eps > 0), (own - mean) / (std + eps), 0.0)
         elif MODE == 2:
             return own - mean
         else:
-            return (own - mean) / (tl.load(batch_std_ptr) + eps)
+            spread = tl.load(batch_std_ptr) + eps
+            return tl.where(spread > 0, (own - mean) / spread, 0.0)
 
 
 @triton.jit
@@ -220,9 +222,9 @@ def krpo_loss_triton(
     ragged = group_offsets is not None
     n_groups = group_offsets.numel() - 1 if ragged else n_rows // group_size
     if mode == "batch_std":
-        batch_std = (
-            rewards.float().std() if n_rows > 1 else rewards.new_zeros((), dtype=torch.float32)
-        )
+        # Deviations from the first reward: equal rewards give a std of exactly 0.
+        shifted = rewards.float() - rewards[0].float()
+        batch_std = shifted.std() if n_rows > 1 else shifted.new_zeros(())
     else:
         batch_std = advantages  # unused pointer
     has_old = old_logp is not None

@@ -5,19 +5,18 @@ shape, device or value) with a message that names the offending argument, so tha
 nothing fails deep inside a kernel or silently returns garbage.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
 
+from krpo_fast.defaults import LOSS_AGGREGATIONS
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Token ids and offsets: every signed integer dtype and uint8 (torch's wider unsigned
+# dtypes lack the indexing ops and are rejected here).
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 MASK_DTYPES = (torch.bool, *INT_DTYPES, *FLOAT_DTYPES)
-LOSS_AGGREGATIONS = (
-    "seq-mean-token-mean",
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
 
 
 def check_tensor(
@@ -30,6 +29,8 @@ def check_tensor(
     """Check that ``value`` is a tensor of an allowed rank and dtype; return it."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_meta:
+        raise ValueError(f"{name} is a meta tensor (a shape without data): pass real values")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if value.dim() not in allowed:
@@ -80,6 +81,9 @@ def check_finite_number(name: str, value: float, *, minimum: float | None = None
 
 def check_all_finite(name: str, value: torch.Tensor) -> None:
     """Raise if ``value`` holds NaN or inf (one device sync: use on small tensors)."""
+    # A float64 sum is finite exactly when every element is (a cheaper pass than isfinite).
+    if math.isfinite(value.sum(dtype=torch.float64).item()):
+        return
     if not bool(torch.isfinite(value).all()):
         bad = (~torch.isfinite(value)).nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite, found {value[tuple(bad)].item()} at {bad}")
@@ -120,7 +124,22 @@ def check_loss_args(
     mask = check_tensor("mask", mask, ndim=2, dtypes=MASK_DTYPES)
     check_same_shape("mask", mask, ref_name, ref)
     check_same_device("mask", mask, ref_name, ref)
+    check_mask_values(mask)
     return old_logp, ref_logp, mask
+
+
+def check_mask_values(mask: torch.Tensor) -> None:
+    """A mask selects tokens: bool, or numbers that are all 0 or 1 (one device sync;
+    none for a bool mask). Weights, negative or NaN values are rejected."""
+    if mask.dtype == torch.bool or mask.numel() == 0:
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        value = mask[bad.nonzero()[0].unbind()].item()
+        raise ValueError(
+            f"mask must be bool or hold only 0 and 1, found {value}; "
+            "token weights are not supported"
+        )
 
 
 def check_advantages(advantages: object, ref_name: str, ref: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
+from krpo_fast import defaults
 from krpo_fast.data import ArithmeticTask
+from krpo_fast.defaults import ADVANTAGE_MODES, LOSS_AGGREGATIONS
 
 
 def _f(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -73,17 +75,17 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(5, "optimizer steps of linear warm-up, then constant")
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables")
-    adv_mode: Literal["kalman", "grpo", "dr_grpo", "batch_std"] = _f(
-        "kalman", "advantage estimator: kalman (KRPO) or a GRPO baseline"
+    adv_mode: Literal[ADVANTAGE_MODES] = _f(
+        defaults.ADV_MODE, "advantage estimator: kalman (KRPO) or a GRPO baseline"
     )
-    process_var: float = _f(1e-5, "Kalman process variance Q")
-    meas_var: float = _f(1e-2, "Kalman measurement variance R")
+    process_var: float = _f(defaults.PROCESS_VAR, "Kalman process variance Q")
+    meas_var: float = _f(defaults.MEAS_VAR, "Kalman measurement variance R")
     beta: float = _f(0.0, "KL weight; > 0 loads a frozen reference model")
-    eps_low: float = _f(0.2, "ratio clip below 1")
-    eps_high: float = _f(0.2, "ratio clip above 1")
-    loss_agg: Literal[
-        "seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = _f("seq-mean-token-mean", "loss aggregation over tokens and sequences")
+    eps_low: float = _f(defaults.EPS_LOW, "ratio clip below 1")
+    eps_high: float = _f(defaults.EPS_HIGH, "ratio clip above 1")
+    loss_agg: Literal[LOSS_AGGREGATIONS] = _f(
+        defaults.LOSS_AGG, "loss aggregation over tokens and sequences"
+    )
     # generation
     temperature: float = _f(0.7, "sampling temperature (also applied to the training log-probs)")
     top_p: float = _f(1.0, "nucleus sampling threshold")

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
+from krpo_fast import defaults as d
 from krpo_fast._dispatch import use_triton
 from krpo_fast._validation import (
     FLOAT_DTYPES,
@@ -67,6 +68,13 @@ def _check_logits_and_ids(
         )
     check_positive("temperature", temperature)
     _check_ids_in_range(token_ids, logits.shape[-1])
+
+
+def _as_index(token_ids: torch.Tensor) -> torch.Tensor:
+    """Validated ids in a dtype that gather, scatter and the kernels index with."""
+    if token_ids.dtype in (torch.int32, torch.int64):
+        return token_ids
+    return token_ids.to(torch.int32)
 
 
 def _check_ids_in_range(token_ids: torch.Tensor, vocab_size: int) -> None:
@@ -254,8 +262,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 def selective_log_softmax(
     logits: torch.Tensor,
     token_ids: torch.Tensor,
-    temperature: float = 1.0,
     *,
+    temperature: float = d.TEMPERATURE,
     return_entropy: bool = False,
     inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +272,8 @@ def selective_log_softmax(
     Args:
         logits: [N, V] or [B, T, V], float32 / bf16 / fp16 / float64 (last dim
             contiguous, other strides free: ``logits[:, :-1]`` is not copied).
-        token_ids: integer ids with the leading shape of ``logits``, in [0, V).
+        token_ids: integer ids (int8 to int64, uint8) with the leading shape of
+            ``logits``, in [0, V).
         temperature: > 0; the logits are divided by it.
         return_entropy: also return the per-token entropy of softmax(logits / T)
             (differentiable), computed in the same pass.
@@ -279,7 +288,7 @@ def selective_log_softmax(
     """
     _check_logits_and_ids("logits", logits, token_ids, temperature)
     logp, entropy = _SelectiveLogSoftmax.apply(
-        logits, token_ids, float(temperature), return_entropy, inplace_backward
+        logits, _as_index(token_ids), float(temperature), return_entropy, inplace_backward
     )
     return (logp, entropy) if return_entropy else logp
 
@@ -351,6 +360,11 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
         g = (torch.where(active, w * dlogp, 0.0) / temperature).float()[:, None]
         dz = centred.sub_(log_s[:, None]).exp_().mul_(-g)
         dz.scatter_add_(1, ids, g)
+        # Rows of masked-out tokens may hold -inf or NaN logits: their gradient is 0,
+        # not 0 * NaN (the CPU path, so finding them costs no device sync).
+        masked_out = (~active).nonzero().squeeze(1)
+        if masked_out.numel():
+            dz.index_fill_(0, masked_out, 0.0)
         grad2.copy_(dz)
 
 
@@ -429,12 +443,13 @@ def policy_loss_from_logits(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
-    loss_agg: str = "seq-mean-token-mean",
+    *,
+    eps_low: float = d.EPS_LOW,
+    eps_high: float = d.EPS_HIGH,
+    beta: float = d.BETA,
+    loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
+    temperature: float = d.TEMPERATURE,
     inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped-surrogate + k3-KL loss of ``policy_loss`` computed from logits.
@@ -448,7 +463,8 @@ def policy_loss_from_logits(
         token_ids: [B, T] integer ids in [0, V).
         old_logp, ref_logp: [B, T] log-probs (None: ratio 1 / no KL, needs beta 0).
         advantages: [B], one per sequence.
-        mask: [B, T] (bool, int or float weights).
+        mask: [B, T] bool, or numbers holding only 0 and 1; masked-out tokens never
+            reach the loss or the gradient (their logits may be -inf or NaN).
         inplace_backward: store the gradient over ``logits`` (saves one buffer;
             ``logits`` holds the gradient afterwards).
         Others as ``krpo_fast.ops.policy_loss``.
@@ -470,7 +486,9 @@ def policy_loss_from_logits(
         max_len,
         advantages,
     )
-    setup = _LossSetup(token_ids, old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len)
+    setup = _LossSetup(
+        _as_index(token_ids), old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len
+    )
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, kl, clip_fraction = _LossFromLogits.apply(
         logits,
@@ -500,14 +518,17 @@ def _check_logits_and_ids_for_loss(
     _check_logits_and_ids(name, logits, token_ids.reshape(want), temperature)
 
 
-def _advantages(rewards, token_ids, group_size, group_offsets, adv_mode, kalman, eps):
-    check_tensor("rewards", rewards, ndim=1)
+def _advantages(rewards: object, token_ids: object, **advantage_args: object) -> torch.Tensor:
+    """Group advantages of ``rewards``, one per row of the [B, T] ``token_ids``."""
+    check_tensor("token_ids", token_ids, ndim=2, dtypes=INT_DTYPES)
+    check_tensor("rewards", rewards, ndim=1, dtypes=FLOAT_DTYPES)
+    check_same_device("rewards", rewards, "token_ids", token_ids)
     if rewards.shape[0] != token_ids.shape[0]:
         raise ValueError(
             f"rewards must have one value per sequence ({token_ids.shape[0]}), "
             f"got shape {tuple(rewards.shape)}"
         )
-    return group_advantages(rewards, group_size, group_offsets, mode=adv_mode, eps=eps, **kalman)
+    return group_advantages(rewards, **advantage_args)
 
 
 def krpo_loss_from_logits(
@@ -517,20 +538,21 @@ def krpo_loss_from_logits(
     ref_logp: torch.Tensor | None,
     rewards: torch.Tensor,
     mask: torch.Tensor,
+    *,
     group_size: int | None = None,
     group_offsets: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    adv_mode: str = "kalman",
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
-    loss_agg: str = "seq-mean-token-mean",
+    adv_mode: str = d.ADV_MODE,
+    process_var: float = d.PROCESS_VAR,
+    meas_var: float = d.MEAS_VAR,
+    init_mean: float = d.INIT_MEAN,
+    init_var: float = d.INIT_VAR,
+    eps: float = d.ADV_EPS,
+    eps_low: float = d.EPS_LOW,
+    eps_high: float = d.EPS_HIGH,
+    beta: float = d.BETA,
+    loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
-    process_var: float = 1e-5,
-    meas_var: float = 1e-2,
-    init_mean: float = 0.0,
-    init_var: float = 1.0,
-    eps: float = 1e-8,
+    temperature: float = d.TEMPERATURE,
     inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``krpo_loss`` starting from logits: group advantages from ``rewards``
@@ -538,11 +560,18 @@ def krpo_loss_from_logits(
 
     Returns (loss, {"kl", "clip_fraction", "advantages"}).
     """
-    kalman = dict(
-        process_var=process_var, meas_var=meas_var, init_mean=init_mean, init_var=init_var
+    advantages = _advantages(
+        rewards,
+        token_ids,
+        group_size=group_size,
+        group_offsets=group_offsets,
+        mode=adv_mode,
+        process_var=process_var,
+        meas_var=meas_var,
+        init_mean=init_mean,
+        init_var=init_var,
+        eps=eps,
     )
-    check_tensor("token_ids", token_ids, ndim=2, dtypes=INT_DTYPES)
-    advantages = _advantages(rewards, token_ids, group_size, group_offsets, adv_mode, kalman, eps)
     loss, metrics = policy_loss_from_logits(
         logits,
         token_ids,
@@ -550,13 +579,13 @@ def krpo_loss_from_logits(
         ref_logp,
         advantages,
         mask,
-        temperature,
-        eps_low,
-        eps_high,
-        beta,
-        loss_agg,
-        max_len,
-        inplace_backward,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta=beta,
+        loss_agg=loss_agg,
+        max_len=max_len,
+        temperature=temperature,
+        inplace_backward=inplace_backward,
     )
     metrics["advantages"] = advantages
     return loss, metrics
@@ -594,7 +623,10 @@ class _LossFromHidden(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(logits, weight, out=grad_hidden[r0 : r0 + chunk_size])
             if grad_weight is not None:
-                grad_weight.addmm_(logits.T, h)
+                # Hidden states of masked-out tokens may be non-finite: 0 * NaN would
+                # reach the weight's gradient through dz.T @ h.
+                active = setup.mask[r0 : r0 + chunk_size, None] != 0
+                grad_weight.addmm_(logits.T, torch.where(active, h, 0.0))
             del logits, x3
         loss, kl, clip_fraction = setup.metrics()
         ctx.grads = (
@@ -622,13 +654,14 @@ def policy_loss_from_hidden(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
-    loss_agg: str = "seq-mean-token-mean",
+    *,
+    eps_low: float = d.EPS_LOW,
+    eps_high: float = d.EPS_HIGH,
+    beta: float = d.BETA,
+    loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
-    chunk_size: int = 1024,
+    temperature: float = d.TEMPERATURE,
+    chunk_size: int = d.CHUNK_SIZE,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`policy_loss_from_logits` with ``logits = hidden @ lm_head_weight.T``,
     never holding more than ``chunk_size`` rows of logits.
@@ -682,7 +715,9 @@ def policy_loss_from_hidden(
         max_len,
         advantages,
     )
-    setup = _LossSetup(token_ids, old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len)
+    setup = _LossSetup(
+        _as_index(token_ids), old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len
+    )
     grad_on = torch.is_grad_enabled()
     loss, kl, clip_fraction = _LossFromHidden.apply(
         hidden,
@@ -707,32 +742,40 @@ def krpo_loss_from_hidden(
     ref_logp: torch.Tensor | None,
     rewards: torch.Tensor,
     mask: torch.Tensor,
+    *,
     group_size: int | None = None,
     group_offsets: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    adv_mode: str = "kalman",
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
-    loss_agg: str = "seq-mean-token-mean",
+    adv_mode: str = d.ADV_MODE,
+    process_var: float = d.PROCESS_VAR,
+    meas_var: float = d.MEAS_VAR,
+    init_mean: float = d.INIT_MEAN,
+    init_var: float = d.INIT_VAR,
+    eps: float = d.ADV_EPS,
+    eps_low: float = d.EPS_LOW,
+    eps_high: float = d.EPS_HIGH,
+    beta: float = d.BETA,
+    loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
-    process_var: float = 1e-5,
-    meas_var: float = 1e-2,
-    init_mean: float = 0.0,
-    init_var: float = 1.0,
-    eps: float = 1e-8,
+    temperature: float = d.TEMPERATURE,
+    chunk_size: int = d.CHUNK_SIZE,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``krpo_loss`` from the last hidden states and the LM-head weight, chunked
     (:func:`policy_loss_from_hidden` after ``group_advantages``).
 
     Returns (loss, {"kl", "clip_fraction", "advantages"}).
     """
-    kalman = dict(
-        process_var=process_var, meas_var=meas_var, init_mean=init_mean, init_var=init_var
+    advantages = _advantages(
+        rewards,
+        token_ids,
+        group_size=group_size,
+        group_offsets=group_offsets,
+        mode=adv_mode,
+        process_var=process_var,
+        meas_var=meas_var,
+        init_mean=init_mean,
+        init_var=init_var,
+        eps=eps,
     )
-    check_tensor("token_ids", token_ids, ndim=2, dtypes=INT_DTYPES)
-    advantages = _advantages(rewards, token_ids, group_size, group_offsets, adv_mode, kalman, eps)
     loss, metrics = policy_loss_from_hidden(
         hidden,
         lm_head_weight,
@@ -741,13 +784,13 @@ def krpo_loss_from_hidden(
         ref_logp,
         advantages,
         mask,
-        temperature,
-        eps_low,
-        eps_high,
-        beta,
-        loss_agg,
-        max_len,
-        chunk_size,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta=beta,
+        loss_agg=loss_agg,
+        max_len=max_len,
+        temperature=temperature,
+        chunk_size=chunk_size,
     )
     metrics["advantages"] = advantages
     return loss, metrics

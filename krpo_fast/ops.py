@@ -18,7 +18,9 @@ from functools import lru_cache
 import torch
 
 from krpo_fast import _validation as v
+from krpo_fast import defaults as d
 from krpo_fast._dispatch import use_triton
+from krpo_fast.defaults import ADVANTAGE_MODES, LOSS_AGGREGATIONS
 
 __all__ = [
     "ADVANTAGE_MODES",
@@ -28,9 +30,6 @@ __all__ = [
     "krpo_loss",
     "policy_loss",
 ]
-
-ADVANTAGE_MODES = ("kalman", "grpo", "dr_grpo", "batch_std")
-LOSS_AGGREGATIONS = v.LOSS_AGGREGATIONS
 
 
 # ---------------------------------------------------------------------------- validation
@@ -84,9 +83,9 @@ def _check_kalman(
     )
 
 
-def _check_mode(mode: object) -> str:
+def _check_mode(name: str, mode: object) -> str:
     if mode not in ADVANTAGE_MODES:
-        raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+        raise ValueError(f"{name} must be one of {ADVANTAGE_MODES}, got {mode!r}")
     return mode
 
 
@@ -108,6 +107,8 @@ def _check_loss_inputs(
     old_logp, ref_logp, mask = v.check_loss_args(
         "logp", logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len
     )
+    old_logp = None if old_logp is None else old_logp.detach()
+    ref_logp = None if ref_logp is None else ref_logp.detach()
     if check_finite:
         on = mask != 0
         for name, value in (("logp", logp), ("old_logp", old_logp), ("ref_logp", ref_logp)):
@@ -139,14 +140,26 @@ def _mask_for_kernel(mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- vectorised torch paths
 
 
-@lru_cache(maxsize=32)
-def _kalman_coefficients(
-    length: int, process_var: float, meas_var: float, init_var: float, eps: float
+@lru_cache(maxsize=64)
+def _kalman_map(
+    length: int,
+    process_var: float,
+    meas_var: float,
+    init_mean: float,
+    init_var: float,
+    eps: float,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The filter as a linear map (float64): x = W r + c m0 and A = (r - x) * s.
+    """The filter as one linear map of the deviations from the group's first reward.
 
-    P and K depend only on the position, so x_k = c_k m0 + sum_j W[k, j] r_j with
-    W lower-triangular: W[k, j] = K_j prod_{i=j+1..k} (1 - K_i), c_k = prod_{i<=k} (1 - K_i).
+    P and K depend only on the position, so the estimate is x = W r + c x_0 with W
+    lower-triangular (W[k, j] = K_j prod_{i=j+1..k} (1 - K_i)) and c_k = prod_{i<=k}
+    (1 - K_i); each row of [W | c] sums to 1. With d = r - r_1, the advantage
+    A = (r - x) * s, s = 1 / (sqrt(P) + eps), is therefore
+        A = d @ ((I - W) * s[:, None]).T + (r_1 - x_0) * (c * s),
+    which keeps a large common reward level from cancelling in float32. Built in
+    float64; returns (matrix [L, L], c * s, -x_0 * c * s) in ``dtype`` on ``device``.
     """
     weights = torch.zeros(length, length, dtype=torch.float64)
     carry = torch.zeros(length, dtype=torch.float64)
@@ -163,24 +176,35 @@ def _kalman_coefficients(
         c *= 1.0 - gain
         init_coef[k] = c
         scale[k] = 1.0 / (p**0.5 + eps)
-    return weights, init_coef, scale
+    matrix = ((torch.eye(length, dtype=torch.float64) - weights) * scale[:, None]).T
+    first_coef = init_coef * scale
+    return tuple(
+        t.to(dtype=dtype, device=device).contiguous()
+        for t in (matrix, first_coef, -init_mean * first_coef)
+    )
 
 
 def _grouped(
     r: torch.Tensor, group_size: int | None, offsets: torch.Tensor | None, max_group_len: int
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Rewards as a [n_groups, L] matrix, a validity mask (None when every group is
-    full) and the (group, position) index of every reward (None: a plain view)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Rewards as a [n_groups, L] matrix (a view for uniform groups), the validity mask
+    of ragged groups and the (group, position) index of every reward (None: uniform)."""
     if offsets is None:
         return r.view(-1, group_size), None, None
     lengths = offsets.diff().long()
-    rows = torch.arange(r.numel(), device=r.device)
     group = torch.repeat_interleave(torch.arange(len(lengths), device=r.device), lengths)
-    index = (group, rows - offsets[:-1].long()[group])
+    index = (group, torch.arange(r.numel(), device=r.device) - offsets[:-1].long()[group])
     padded = r.new_zeros(len(lengths), max_group_len)
     padded[index] = r
     valid = torch.arange(max_group_len, device=r.device) < lengths[:, None]
     return padded, valid, index
+
+
+def _inverse_or_zero(spread: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / (spread + eps), or 0 where that is 0 (only when every deviation is 0 already:
+    equal rewards keep advantage 0 with eps = 0)."""
+    shifted = spread + eps
+    return torch.where(shifted > 0, 1.0 / shifted, 0.0)
 
 
 def _group_advantages_torch(
@@ -192,38 +216,53 @@ def _group_advantages_torch(
     kalman: tuple[float, float, float, float],
     eps: float,
 ) -> torch.Tensor:
-    """Float64 math on a [n_groups, L] layout (a view for uniform groups)."""
-    r = rewards.double()
-    groups, valid, index = _grouped(r, group_size, offsets, max_group_len)
+    """Float32 math (float64 for float64 rewards) on a [n_groups, L] layout, on
+    deviations from each group's first reward."""
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    if rewards.dtype != dtype:
+        rewards = rewards.to(dtype)
+    groups, valid, index = _grouped(rewards, group_size, offsets, max_group_len)
+    first = groups.narrow(1, 0, 1)
+    deviations = groups - first
+    if valid is not None:
+        deviations.masked_fill_(~valid, 0.0)
     if mode == "kalman":
-        process_var, meas_var, init_mean, init_var = kalman
-        weights, init_coef, scale = (
-            t.to(r.device)
-            for t in _kalman_coefficients(max_group_len, process_var, meas_var, init_var, eps)
-        )
-        adv = (groups - (groups @ weights.T + init_coef * init_mean)) * scale
+        matrix, first_coef, bias = _kalman_map(max_group_len, *kalman, eps, dtype, rewards.device)
+        adv = torch.addmm(bias, deviations, matrix).addcmul_(first, first_coef)
     else:
-        counts = groups.new_full((groups.shape[0], 1), groups.shape[1])
+        if valid is None:
+            counts = groups.new_full((1, 1), groups.shape[1])
+        else:
+            counts = valid.sum(1, keepdim=True).to(dtype)
+        centred = deviations - deviations.sum(1, keepdim=True) / counts.clamp(min=1)
         if valid is not None:
-            counts = valid.sum(1, keepdim=True).double()
-        # Deviations from each group's first reward: equal rewards get a mean equal to
-        # them exactly, hence advantage 0 rather than rounding noise over a tiny std.
-        shifted = groups - groups[:, :1]
-        if valid is not None:
-            shifted = shifted * valid
-        centred = shifted - shifted.sum(1, keepdim=True) / counts.clamp(min=1)
-        if valid is not None:
-            centred = centred * valid
+            centred.masked_fill_(~valid, 0.0)
         if mode == "grpo":
             std = (centred.square().sum(1, keepdim=True) / (counts - 1).clamp(min=1)).sqrt()
             # A group of one has no spread: advantage 0 rather than 0 / 0.
-            adv = centred * torch.where(counts > 1, 1.0 / (std + eps), 0.0)
+            adv = centred * torch.where(counts > 1, _inverse_or_zero(std, eps), 0.0)
         elif mode == "batch_std":
-            batch_std = (r - r[0]).std() if r.numel() > 1 else r.new_zeros(())
-            adv = centred / (batch_std + eps)
+            flat = rewards.to(dtype)
+            batch_std = (flat - flat[0]).std() if flat.numel() > 1 else flat.new_zeros(())
+            adv = centred * _inverse_or_zero(batch_std, eps)
         else:
             adv = centred
-    return (adv.reshape(-1) if index is None else adv[index]).float()
+    adv = adv.reshape(-1) if index is None else adv[index]
+    return adv if adv.dtype == torch.float32 else adv.to(torch.float32)
+
+
+# Coefficients of the k3 series d^2 (1/2 + d/6 + ... + d^6/40320), innermost first.
+_K3_SERIES = (1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2)
+
+
+def _k3(d: torch.Tensor) -> torch.Tensor:
+    """exp(d) - d - 1, as the kernels' ``k3_kl``: the Taylor series to d^8 below
+    |d| = 0.5 (the direct form cancels to d^2 / 2 in float32 there)."""
+    series = d * (1 / 40320)
+    for coefficient in _K3_SERIES:
+        series.add_(coefficient).mul_(d)
+    series.mul_(d)
+    return torch.where(d.abs() < 0.5, series, torch.exp(d).sub_(d).sub_(1.0))
 
 
 def token_terms_torch(
@@ -234,22 +273,30 @@ def token_terms_torch(
     eps_low: float,
     eps_high: float,
     beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (loss, d loss / d logp, k3 KL, clipped) in float64, the math of the
-    kernels' ``clipped_token_loss``; ``advantages`` broadcasts against ``logp``.
-    ``ref_logp`` None means no KL term."""
-    lp = logp.double()
-    adv = advantages.double()
-    ratio = (lp - old_logp.double()).exp() if old_logp is not None else torch.ones_like(lp)
-    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
-    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
-    grad = torch.where(clipped, 0.0, -adv * ratio)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token (loss, d loss / d logp, k3 KL, clipped) in ``logp``'s dtype (float32
+    or float64): the kernels' ``clipped_token_loss``. ``advantages`` broadcasts against
+    ``logp``; ``ref_logp`` None means no KL term (KL None), ``old_logp`` None ratio 1
+    (clipped None: never)."""
+    if old_logp is None:
+        surrogate = advantages.expand_as(logp)
+        grad = -surrogate
+        clipped = None
+    else:
+        ratio = torch.sub(logp, old_logp).exp_()
+        ratio_adv = ratio * advantages
+        clipped_adv = ratio.clamp_(1.0 - eps_low, 1.0 + eps_high).mul_(advantages)
+        # The clip removes the gradient exactly where it lowers the surrogate.
+        clipped = ratio_adv > clipped_adv
+        surrogate = torch.minimum(ratio_adv, clipped_adv)
+        grad = torch.where(clipped, 0.0, ratio_adv.neg_())
     if ref_logp is None:
-        return -surrogate, grad, torch.zeros_like(lp), clipped
-    log_ratio_ref = ref_logp.double() - lp
-    kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # float64: no cancellation to fear
-    return beta * kl - surrogate, grad - beta * torch.expm1(log_ratio_ref), kl, clipped
+        return -surrogate, grad, None, clipped
+    log_ratio_ref = torch.sub(ref_logp, logp)
+    kl = _k3(log_ratio_ref)
+    # d kl / d logp = 1 - exp(d) = -(d + kl), without cancellation near d = 0.
+    grad.sub_(log_ratio_ref.add_(kl), alpha=beta)
+    return torch.sub(kl * beta, surrogate), grad, kl, clipped
 
 
 def _policy_loss_torch(
@@ -264,28 +311,39 @@ def _policy_loss_torch(
     row_weight: float,
     per_row_mean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``krpo_fast.kernels.policy_loss.policy_loss_triton``.
-
-    Computes in float64: the k3 KL cancels to d^2 / 2 near d = 0, and CPU throughput
-    is not where this path matters."""
-    dtype = torch.float64
-    m = mask.to(dtype)
-    on = mask != 0
-    loss, grad, kl, clipped = token_terms_torch(
-        logp.detach(), old_logp, ref_logp, advantages.unsqueeze(-1), eps_low, eps_high, beta
+    """Same contract as ``krpo_fast.kernels.policy_loss.policy_loss_triton``, in float32
+    (float64 when any input is float64)."""
+    inputs = (logp, old_logp, ref_logp, advantages)
+    dtype = (
+        torch.float64
+        if any(t is not None and t.dtype == torch.float64 for t in inputs)
+        else torch.float32
     )
-    tokens = m.sum(-1)
-    if per_row_mean:
-        scale = torch.where(tokens > 0, row_weight / tokens.clamp(min=1), 0.0).unsqueeze(-1)
-    else:
-        scale = torch.full_like(tokens, row_weight).unsqueeze(-1)
+    on = mask if mask.dtype == torch.bool else mask != 0
+    tokens = on.sum(-1, dtype=dtype)
+    loss, grad, kl, clipped = token_terms_torch(
+        logp.detach().to(dtype),
+        old_logp,
+        ref_logp,
+        advantages.to(dtype).unsqueeze(-1),
+        eps_low,
+        eps_high,
+        beta,
+    )
+    # An all-masked row has no tokens to weigh: its clamped scale multiplies zeros only.
+    scale = (
+        row_weight / tokens.clamp(min=1)
+        if per_row_mean
+        else tokens.new_full(tokens.shape, row_weight)
+    )
     # torch.where, not a product: padding may hold -inf or NaN log-probs.
-    grad = torch.where(on, grad * m * scale, 0.0).to(logp.dtype)
+    grad = torch.where(on, grad, 0.0).mul_(scale[:, None]).to(logp.dtype)
+    zeros = tokens.new_zeros(tokens.shape)
     partials = torch.stack(
         [
-            torch.where(on, loss * m, 0.0).sum(-1) * scale.squeeze(-1),
-            torch.where(on, kl * m, 0.0).sum(-1),
-            torch.where(on & clipped, m, 0.0).sum(-1),
+            torch.where(on, loss, 0.0).sum(-1).mul_(scale),
+            zeros if kl is None else torch.where(on, kl, 0.0).sum(-1),
+            zeros if clipped is None else (clipped & on).sum(-1, dtype=dtype),
             tokens,
         ]
     )
@@ -318,14 +376,15 @@ class _FusedLoss(torch.autograd.Function):
 
 def group_advantages(
     rewards: torch.Tensor,
+    *,
     group_size: int | None = None,
     group_offsets: torch.Tensor | None = None,
-    mode: str = "kalman",
-    process_var: float = 1e-5,
-    meas_var: float = 1e-2,
-    init_mean: float = 0.0,
-    init_var: float = 1.0,
-    eps: float = 1e-8,
+    mode: str = d.ADV_MODE,
+    process_var: float = d.PROCESS_VAR,
+    meas_var: float = d.MEAS_VAR,
+    init_mean: float = d.INIT_MEAN,
+    init_var: float = d.INIT_VAR,
+    eps: float = d.ADV_EPS,
 ) -> torch.Tensor:
     """Per-sequence advantages from the rewards of G samples per prompt, one launch on CUDA.
 
@@ -337,7 +396,8 @@ def group_advantages(
         mode: ``"kalman"`` (KRPO: a scalar Kalman filter restarted per group,
             A_k = (r_k - x_k) / (sqrt(P_k) + eps)), ``"grpo"`` ((r - mean) / (std + eps),
             unbiased std; a group of one gets 0), ``"dr_grpo"`` (r - mean) or
-            ``"batch_std"`` ((r - group mean) / (std over the batch + eps)).
+            ``"batch_std"`` ((r - group mean) / (std over the batch + eps)). Equal
+            rewards get exactly 0 in the GRPO modes, ``eps = 0`` included.
         process_var, meas_var, init_mean, init_var: the filter's Q, R, x_0 and P_0
             (the paper's defaults); used by ``"kalman"`` only.
         eps: added to the std (or sqrt(P)) before dividing.
@@ -346,7 +406,7 @@ def group_advantages(
         float32 [B] advantages on the rewards' device. Not differentiable: rewards are
         constants of the policy gradient.
     """
-    mode = _check_mode(mode)
+    mode = _check_mode("mode", mode)
     rewards, group_size, offsets, max_len = _check_rewards(rewards, group_size, group_offsets)
     q, r_var, m0, p0, eps = _check_kalman(process_var, meas_var, init_mean, init_var, eps)
     rewards = rewards.detach()
@@ -361,25 +421,26 @@ def group_advantages(
 
 def kalman_advantages(
     rewards: torch.Tensor,
+    *,
     group_size: int | None = None,
     group_offsets: torch.Tensor | None = None,
-    process_var: float = 1e-5,
-    meas_var: float = 1e-2,
-    init_mean: float = 0.0,
-    init_var: float = 1.0,
-    eps: float = 1e-8,
+    process_var: float = d.PROCESS_VAR,
+    meas_var: float = d.MEAS_VAR,
+    init_mean: float = d.INIT_MEAN,
+    init_var: float = d.INIT_VAR,
+    eps: float = d.ADV_EPS,
 ) -> torch.Tensor:
-    """KRPO advantages: ``group_advantages(..., mode="kalman")``; float32 [B]."""
+    """KRPO advantages: ``group_advantages(rewards, ..., mode="kalman")``; float32 [B]."""
     return group_advantages(
         rewards,
-        group_size,
-        group_offsets,
-        "kalman",
-        process_var,
-        meas_var,
-        init_mean,
-        init_var,
-        eps,
+        group_size=group_size,
+        group_offsets=group_offsets,
+        mode="kalman",
+        process_var=process_var,
+        meas_var=meas_var,
+        init_mean=init_mean,
+        init_var=init_var,
+        eps=eps,
     )
 
 
@@ -389,10 +450,11 @@ def policy_loss(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
-    loss_agg: str = "seq-mean-token-mean",
+    *,
+    eps_low: float = d.EPS_LOW,
+    eps_high: float = d.EPS_HIGH,
+    beta: float = d.BETA,
+    loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
     check_finite: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -405,7 +467,8 @@ def policy_loss(
         ref_logp: [B, T] reference-model log-probs; required unless ``beta == 0``
             (then it is never read).
         advantages: [B] one advantage per sequence.
-        mask: [B, T] bool / int / float; tokens with mask 0 are ignored entirely
+        mask: [B, T] bool, or integers / floats holding only 0 and 1 (checked: one
+            device sync, none for bool); tokens with mask 0 are ignored entirely
             (their log-probs may be -inf or NaN).
         eps_low, eps_high: the ratio is clipped to [1 - eps_low, 1 + eps_high].
         beta: weight of the k3 KL term exp(ref - logp) - (ref - logp) - 1.
@@ -425,42 +488,12 @@ def policy_loss(
         loss is differentiable in ``logp``.
     """
     logp, old_logp, ref_logp, mask = _check_loss_inputs(
-        logp,
-        old_logp,
-        ref_logp,
-        mask,
-        eps_low,
-        eps_high,
-        beta,
-        loss_agg,
-        max_len,
-        check_finite,
+        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len, check_finite
     )
     advantages = v.check_advantages(advantages, "logp", logp)
-    row_weight, per_row_mean = _aggregation_weights(loss_agg, logp.shape[0], max_len)
-    old = None if old_logp is None else old_logp.detach()
-    ref = None if ref_logp is None else ref_logp.detach()
-    if _uses_triton(logp, old, ref, advantages):
-        from krpo_fast.kernels.policy_loss import policy_loss_triton
-
-        grad, partials = policy_loss_triton(
-            logp.detach(),
-            old,
-            ref,
-            advantages,
-            _mask_for_kernel(mask),
-            eps_low,
-            eps_high,
-            beta,
-            row_weight,
-            per_row_mean,
-        )
-    else:
-        grad, partials = _policy_loss_torch(
-            logp, old, ref, advantages, mask, eps_low, eps_high, beta, row_weight, per_row_mean
-        )
-    loss, kl, clip_fraction = _FusedLoss.apply(logp, grad, partials, loss_agg == "token-mean")
-    return loss, {"kl": kl, "clip_fraction": clip_fraction}
+    return _fused_loss(
+        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len, advantages
+    )
 
 
 def krpo_loss(
@@ -469,19 +502,20 @@ def krpo_loss(
     ref_logp: torch.Tensor | None,
     rewards: torch.Tensor,
     mask: torch.Tensor,
+    *,
     group_size: int | None = None,
     group_offsets: torch.Tensor | None = None,
-    adv_mode: str = "kalman",
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
-    loss_agg: str = "seq-mean-token-mean",
+    adv_mode: str = d.ADV_MODE,
+    process_var: float = d.PROCESS_VAR,
+    meas_var: float = d.MEAS_VAR,
+    init_mean: float = d.INIT_MEAN,
+    init_var: float = d.INIT_VAR,
+    eps: float = d.ADV_EPS,
+    eps_low: float = d.EPS_LOW,
+    eps_high: float = d.EPS_HIGH,
+    beta: float = d.BETA,
+    loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
-    process_var: float = 1e-5,
-    meas_var: float = 1e-2,
-    init_mean: float = 0.0,
-    init_var: float = 1.0,
-    eps: float = 1e-8,
     check_finite: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fused KRPO loss: group advantages from rewards and the clipped policy loss,
@@ -495,56 +529,92 @@ def krpo_loss(
         (loss, {"kl", "clip_fraction", "advantages" (float32 [B])}).
     """
     logp, old_logp, ref_logp, mask = _check_loss_inputs(
-        logp,
-        old_logp,
-        ref_logp,
-        mask,
-        eps_low,
-        eps_high,
-        beta,
-        loss_agg,
-        max_len,
-        check_finite,
+        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len, check_finite
     )
-    mode = _check_mode(adv_mode)
+    mode = _check_mode("adv_mode", adv_mode)
     rewards, group_size, offsets, max_group_len = _check_rewards(rewards, group_size, group_offsets)
     if rewards.shape[0] != logp.shape[0]:
         raise ValueError(
             f"rewards must have one entry per sequence ({logp.shape[0]}), got {rewards.shape[0]}"
         )
     v.check_same_device("rewards", rewards, "logp", logp)
-    q, r_var, m0, p0, eps = _check_kalman(process_var, meas_var, init_mean, init_var, eps)
+    kalman = _check_kalman(process_var, meas_var, init_mean, init_var, eps)
     rewards = rewards.detach()
-    row_weight, per_row_mean = _aggregation_weights(loss_agg, logp.shape[0], max_len)
-    old = None if old_logp is None else old_logp.detach()
-    ref = None if ref_logp is None else ref_logp.detach()
-    if _uses_triton(logp, old, ref, rewards):
-        from krpo_fast.kernels.krpo_loss import krpo_loss_triton
+    if not _uses_triton(logp, old_logp, ref_logp, rewards):
+        advantages = _group_advantages_torch(
+            rewards, group_size, offsets, max_group_len, mode, kalman[:4], kalman[4]
+        )
+        loss, metrics = _fused_loss(
+            logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len, advantages
+        )
+        return loss, {**metrics, "advantages": advantages}
+    from krpo_fast.kernels.krpo_loss import krpo_loss_triton
 
-        advantages, grad, partials = krpo_loss_triton(
+    row_weight, per_row_mean = _aggregation_weights(loss_agg, logp.shape[0], max_len)
+    advantages, grad, partials = krpo_loss_triton(
+        logp.detach(),
+        old_logp,
+        ref_logp,
+        rewards,
+        _mask_for_kernel(mask),
+        group_size,
+        offsets,
+        mode,
+        kalman[:4],
+        kalman[4],
+        eps_low,
+        eps_high,
+        beta,
+        row_weight,
+        per_row_mean,
+        max_group_len,
+    )
+    loss, kl, clip_fraction = _FusedLoss.apply(logp, grad, partials, loss_agg == "token-mean")
+    return loss, {"kl": kl, "clip_fraction": clip_fraction, "advantages": advantages}
+
+
+def _fused_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    loss_agg: str,
+    max_len: int | None,
+    advantages: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy loss on validated inputs: the kernel or the torch path, then the
+    autograd function that reduces the per-row partials."""
+    row_weight, per_row_mean = _aggregation_weights(loss_agg, logp.shape[0], max_len)
+    if _uses_triton(logp, old_logp, ref_logp, advantages):
+        from krpo_fast.kernels.policy_loss import policy_loss_triton
+
+        grad, partials = policy_loss_triton(
             logp.detach(),
-            old,
-            ref,
-            rewards,
+            old_logp,
+            ref_logp,
+            advantages,
             _mask_for_kernel(mask),
-            group_size,
-            offsets,
-            mode,
-            (q, r_var, m0, p0),
-            eps,
             eps_low,
             eps_high,
             beta,
             row_weight,
             per_row_mean,
-            max_group_len,
         )
     else:
-        advantages = _group_advantages_torch(
-            rewards, group_size, offsets, max_group_len, mode, (q, r_var, m0, p0), eps
-        )
         grad, partials = _policy_loss_torch(
-            logp, old, ref, advantages, mask, eps_low, eps_high, beta, row_weight, per_row_mean
+            logp,
+            old_logp,
+            ref_logp,
+            advantages,
+            mask,
+            eps_low,
+            eps_high,
+            beta,
+            row_weight,
+            per_row_mean,
         )
     loss, kl, clip_fraction = _FusedLoss.apply(logp, grad, partials, loss_agg == "token-mean")
-    return loss, {"kl": kl, "clip_fraction": clip_fraction, "advantages": advantages}
+    return loss, {"kl": kl, "clip_fraction": clip_fraction}

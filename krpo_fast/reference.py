@@ -10,6 +10,8 @@ to get a more accurate oracle.
 
 import torch
 
+from krpo_fast import defaults as d
+
 __all__ = [
     "group_advantages_reference",
     "kalman_advantages_reference",
@@ -32,11 +34,11 @@ def kalman_advantages_reference(
     rewards: torch.Tensor,
     group_size: int | None = None,
     group_offsets: torch.Tensor | None = None,
-    process_var: float = 1e-5,
-    meas_var: float = 1e-2,
-    init_mean: float = 0.0,
-    init_var: float = 1.0,
-    eps: float = 1e-8,
+    process_var: float = d.PROCESS_VAR,
+    meas_var: float = d.MEAS_VAR,
+    init_mean: float = d.INIT_MEAN,
+    init_var: float = d.INIT_VAR,
+    eps: float = d.ADV_EPS,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The paper's scalar Kalman filter, restarted for every group, in rollout order.
@@ -63,8 +65,8 @@ def group_advantages_reference(
     rewards: torch.Tensor,
     group_size: int | None = None,
     group_offsets: torch.Tensor | None = None,
-    mode: str = "kalman",
-    eps: float = 1e-8,
+    mode: str = d.ADV_MODE,
+    eps: float = d.ADV_EPS,
     compute_dtype: torch.dtype = torch.float32,
     **kalman_kwargs: float,
 ) -> torch.Tensor:
@@ -114,10 +116,10 @@ def policy_loss_reference(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
-    loss_agg: str = "seq-mean-token-mean",
+    eps_low: float = d.EPS_LOW,
+    eps_high: float = d.EPS_HIGH,
+    beta: float = d.BETA,
+    loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The paper's GRPOLoss (k3 KL, clipped surrogate), differentiable in ``logp``.
@@ -168,7 +170,7 @@ def policy_loss_reference(
 
 
 def token_logprobs_reference(
-    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = d.TEMPERATURE
 ) -> torch.Tensor:
     """log_softmax(logits / T) gathered at ``token_ids`` (the paper's
     ``sequence_log_probs_from_logits``), in float32 or better."""

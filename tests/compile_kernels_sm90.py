@@ -101,7 +101,7 @@ def launch_everything() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         rewards = torch.rand(8, generator=gen).to(dtype)
         for mode in ops.ADVANTAGE_MODES:
-            ops.group_advantages(rewards, 4, mode=mode)
+            ops.group_advantages(rewards, group_size=4, mode=mode)
             ops.group_advantages(rewards, group_offsets=offsets, mode=mode)
         logp = -torch.rand(8, 40, generator=gen).to(dtype)
         for mask in (torch.ones(8, 40, dtype=torch.bool), torch.ones(8, 40)):

@@ -437,3 +437,62 @@ def test_hidden_validation(change, error, match):
             group_size=2,
             chunk_size=args["chunk_size"],
         )
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("-inf")])
+def test_non_finite_logits_at_masked_out_tokens_never_reach_a_gradient(path, fill):
+    logits, ids, old, ref, mask, rewards = make_batch(4, 5, 30, seed=12)
+    kwargs = dict(group_size=2, beta=0.04)
+    leaf = logits.clone().requires_grad_()
+    clean, _ = krpo_loss_from_logits(leaf, ids, old, ref, rewards, mask, **kwargs)
+    clean.backward()
+    dirty = logits.clone()
+    dirty[~mask] = fill
+    dirty.requires_grad_()
+    loss, _ = krpo_loss_from_logits(dirty, ids, old, ref, rewards, mask, **kwargs)
+    loss.backward()
+    assert torch.equal(loss, clean)
+    assert torch.isfinite(dirty.grad).all()
+    assert torch.equal(dirty.grad, leaf.grad)
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_non_finite_hidden_at_masked_out_tokens_never_reach_a_gradient(path, fill):
+    """Including the LM-head weight's gradient, which sums dz.T @ hidden over tokens."""
+    gen = torch.Generator().manual_seed(13)
+    _, ids, old, ref, mask, rewards = make_batch(4, 5, 30, seed=13)
+    hidden = torch.randn(4, 5, 8, generator=gen)
+    weight = torch.randn(30, 8, generator=gen)
+    kwargs = dict(group_size=2, beta=0.04, chunk_size=7)
+    grads = []
+    for h in (hidden, hidden.masked_fill(~mask[..., None], fill)):
+        h, w = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, _ = krpo_loss_from_hidden(h, w, ids, old, ref, rewards, mask, **kwargs)
+        loss.backward()
+        grads.append((loss, h.grad, w.grad))
+    (clean_loss, clean_h, clean_w), (loss, grad_h, grad_w) = grads
+    assert torch.isfinite(grad_h).all() and torch.isfinite(grad_w).all()
+    assert torch.equal(loss, clean_loss)
+    torch.testing.assert_close(grad_h, clean_h, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_w, clean_w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.uint8, torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32, torch.uint64],
+)
+def test_every_integer_dtype_of_token_ids_is_accepted_or_rejected(path, dtype):
+    logits, ids, old, ref, mask, rewards = make_batch(2, 3, 50, seed=14)
+    expected, _ = krpo_loss_from_logits(logits, ids, old, ref, rewards, mask, group_size=2)
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):
+        with pytest.raises(TypeError, match="token_ids"):
+            krpo_loss_from_logits(logits, ids.to(dtype), old, ref, rewards, mask, group_size=2)
+        return
+    loss, _ = krpo_loss_from_logits(logits, ids.to(dtype), old, ref, rewards, mask, group_size=2)
+    assert torch.equal(loss, expected)
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(50, 4)
+    expected, _ = policy_loss_from_hidden(hidden, weight, ids, old, ref, rewards, mask)
+    loss, _ = policy_loss_from_hidden(hidden, weight, ids.to(dtype), old, ref, rewards, mask)
+    assert torch.equal(loss, expected)
+    logp = logits_ops.selective_log_softmax(logits, ids.to(dtype))
+    assert torch.equal(logp, logits_ops.selective_log_softmax(logits, ids))

@@ -286,7 +286,7 @@ def test_krpo_loss_equals_policy_loss_of_group_advantages():
     logp, old, ref, mask = make_batch(8, 12, torch.float32, gen)
     rewards = torch.rand(8, generator=gen)
     fused, fused_metrics = krpo_loss(logp, old, ref, rewards, mask, group_size=4)
-    adv = group_advantages(rewards, 4)
+    adv = group_advantages(rewards, group_size=4)
     split, _ = policy_loss(logp, old, ref, adv, mask)
     assert torch.allclose(fused, split, rtol=1e-6)
     assert torch.allclose(fused_metrics["advantages"], adv, rtol=1e-6)

@@ -51,7 +51,7 @@ def run(logits, token_ids, temperature=1.0, with_entropy=False, seed=0):
     g_logp = torch.randn(token_ids.shape, generator=gen)
     g_entropy = torch.randn(token_ids.shape, generator=gen) if with_entropy else None
     z = logits.detach().clone().requires_grad_()
-    out = selective_log_softmax(z, token_ids, temperature, return_entropy=with_entropy)
+    out = selective_log_softmax(z, token_ids, temperature=temperature, return_entropy=with_entropy)
     logp, entropy = out if with_entropy else (out, None)
     objective = (logp * g_logp).sum()
     if with_entropy:
@@ -157,13 +157,13 @@ def test_strided_view_and_inplace_backward(path):
 
     leaf = full.clone().requires_grad_()
     sliced = leaf[:, :-1]  # not viewable as [N, V]: no copy is made
-    (selective_log_softmax(sliced, ids, 0.9) * g).sum().backward()
+    (selective_log_softmax(sliced, ids, temperature=0.9) * g).sum().backward()
     assert_grad_close(leaf.grad[:, :-1], ref_grad, 1e-4)
     assert torch.equal(leaf.grad[:, -1], torch.zeros(2, 130))
 
     logits = full.clone()[:, :-1].requires_grad_()
     before = logits.detach().clone()
-    logp = selective_log_softmax(logits, ids, 0.9, inplace_backward=True)
+    logp = selective_log_softmax(logits, ids, temperature=0.9, inplace_backward=True)
     torch.testing.assert_close(logits.detach(), before)
     (logp * g).sum().backward()
     assert_grad_close(logits.grad, ref_grad, 1e-4)
@@ -211,4 +211,4 @@ def test_no_grad_and_empty():
 )
 def test_validation(logits, ids, temperature, error, match):
     with pytest.raises(error, match=match):
-        selective_log_softmax(logits, ids, temperature)
+        selective_log_softmax(logits, ids, temperature=temperature)

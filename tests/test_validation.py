@@ -82,7 +82,11 @@ CASES = {
     "init_var zero": (adv_call(init_var=0.0), ValueError, "init_var"),
     "init_mean nan": (adv_call(init_mean=float("nan")), ValueError, "init_mean"),
     "eps negative": (adv_call(eps=-1e-8), ValueError, "eps"),
-    "kalman bad var": (lambda: kalman_advantages(R8, 4, meas_var=0.0), ValueError, "meas_var"),
+    "kalman bad var": (
+        lambda: kalman_advantages(R8, group_size=4, meas_var=0.0),
+        ValueError,
+        "meas_var",
+    ),
     "logp 1-D": (loss_call(logp=torch.rand(6)), ValueError, "logp"),
     "logp int": (loss_call(logp=torch.ones(4, 6, dtype=torch.int32)), TypeError, "logp"),
     "logp empty": (
@@ -127,7 +131,31 @@ CASES = {
         ValueError,
         "rewards",
     ),
-    "krpo adv_mode": (krpo_call(adv_mode="kalmann"), ValueError, "mode"),
+    "krpo adv_mode": (krpo_call(adv_mode="kalmann"), ValueError, "adv_mode"),
+    "mask negative": (loss_call(mask=torch.full((4, 6), -1.0)), ValueError, "mask"),
+    "mask fractional": (loss_call(mask=torch.full((4, 6), 0.5)), ValueError, "mask"),
+    "mask NaN": (loss_call(mask=torch.full((4, 6), float("nan"))), ValueError, "mask"),
+    "mask int 2": (loss_call(mask=torch.full((4, 6), 2)), ValueError, "mask"),
+    "krpo mask negative": (krpo_call(mask=-torch.ones(4, 6)), ValueError, "mask"),
+    "logp meta": (loss_call(logp=LOGP.to("meta")), ValueError, "logp"),
+    "all meta": (
+        loss_call(
+            **{
+                k: t.to("meta")
+                for k, t in dict(
+                    logp=LOGP, old_logp=LOGP, ref_logp=LOGP, advantages=ADV, mask=MASK
+                ).items()
+            }
+        ),
+        ValueError,
+        "logp",
+    ),
+    "rewards meta": (adv_call(rewards=R8.to("meta")), ValueError, "rewards"),
+    "krpo rewards on another device": (
+        krpo_call(rewards=torch.rand(4, device="meta")),
+        ValueError,
+        "rewards",
+    ),
     "krpo loss_agg": (krpo_call(loss_agg="mean"), ValueError, "loss_agg"),
 }
 
@@ -154,3 +182,11 @@ def test_mismatched_devices():
         policy_loss(LOGP.cuda(), None, None, ADV.cuda(), MASK, beta=0.0)
     with pytest.raises(ValueError, match="group_offsets"):
         group_advantages(R8.cuda(), group_offsets=torch.tensor([0, 8]))
+
+
+def test_integer_masks_of_zeros_and_ones_equal_bool():
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) > 0.3
+    expected, _ = policy_loss(LOGP, LOGP, LOGP, ADV, mask)
+    for dtype in (torch.uint8, torch.int32, torch.float32, torch.bfloat16):
+        loss, _ = policy_loss(LOGP, LOGP, LOGP, ADV, mask.to(dtype))
+        assert torch.equal(loss, expected), dtype

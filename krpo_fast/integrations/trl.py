@@ -51,7 +51,9 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from krpo_fast.ops import ADVANTAGE_MODES, group_advantages, policy_loss
+from krpo_fast import defaults
+from krpo_fast.defaults import ADVANTAGE_MODES
+from krpo_fast.ops import group_advantages, policy_loss
 
 __all__ = ["LOSS_TYPE_TO_AGG", "KRPOConfig", "KRPOGRPOTrainer"]
 
@@ -85,14 +87,24 @@ class KRPOConfig(GRPOConfig):
     """
 
     adv_mode: str = field(
-        default="kalman",
-        metadata={"help": "krpo-fast advantage mode: 'kalman', 'grpo', 'dr_grpo' or 'batch_std'."},
+        default=defaults.ADV_MODE,
+        metadata={"help": f"krpo-fast advantage mode: one of {', '.join(ADVANTAGE_MODES)}."},
     )
-    process_var: float = field(default=1e-5, metadata={"help": "Kalman process variance Q."})
-    meas_var: float = field(default=1e-2, metadata={"help": "Kalman measurement variance R."})
-    init_mean: float = field(default=0.0, metadata={"help": "Kalman initial state x_0."})
-    init_var: float = field(default=1.0, metadata={"help": "Kalman initial variance P_0."})
-    adv_eps: float = field(default=1e-8, metadata={"help": "Added to sqrt(P) or the std."})
+    process_var: float = field(
+        default=defaults.PROCESS_VAR, metadata={"help": "Kalman process variance Q."}
+    )
+    meas_var: float = field(
+        default=defaults.MEAS_VAR, metadata={"help": "Kalman measurement variance R."}
+    )
+    init_mean: float = field(
+        default=defaults.INIT_MEAN, metadata={"help": "Kalman initial state x_0."}
+    )
+    init_var: float = field(
+        default=defaults.INIT_VAR, metadata={"help": "Kalman initial variance P_0."}
+    )
+    adv_eps: float = field(
+        default=defaults.ADV_EPS, metadata={"help": "Added to sqrt(P) or the std."}
+    )
     # The fused loss is the paper's k3 KL, without TRL's importance-weighted KL.
     use_bias_correction_kl: bool = field(
         default=False, metadata={"help": "Not supported by the fused loss; must stay False."}
@@ -122,7 +134,7 @@ def _unsupported_options(args: GRPOConfig, trainer: GRPOTrainer) -> list[str]:
         problems.append("vllm_importance_sampling_correction (set it to False)")
     if args.multi_objective_aggregation != "sum_then_normalize":
         problems.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r}")
-    if getattr(args, "adv_mode", "kalman") not in ADVANTAGE_MODES:
+    if getattr(args, "adv_mode", defaults.ADV_MODE) not in ADVANTAGE_MODES:
         problems.append(f"adv_mode={args.adv_mode!r} (supported: {', '.join(ADVANTAGE_MODES)})")
     return problems
 

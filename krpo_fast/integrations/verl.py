@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est, register_policy_loss
 
+from krpo_fast import defaults
 from krpo_fast.ops import group_advantages, policy_loss
 
 __all__ = [
@@ -51,11 +52,11 @@ ADV_ESTIMATOR = "krpo"
 POLICY_LOSS = "krpo_fused"
 
 _ENV_SETTINGS = {
-    "process_var": ("KRPO_PROCESS_VAR", 1e-5),
-    "meas_var": ("KRPO_MEAS_VAR", 1e-2),
-    "init_mean": ("KRPO_INIT_MEAN", 0.0),
-    "init_var": ("KRPO_INIT_VAR", 1.0),
-    "eps": ("KRPO_ADV_EPS", 1e-8),
+    "process_var": ("KRPO_PROCESS_VAR", defaults.PROCESS_VAR),
+    "meas_var": ("KRPO_MEAS_VAR", defaults.MEAS_VAR),
+    "init_mean": ("KRPO_INIT_MEAN", defaults.INIT_MEAN),
+    "init_var": ("KRPO_INIT_VAR", defaults.INIT_VAR),
+    "eps": ("KRPO_ADV_EPS", defaults.ADV_EPS),
 }
 
 # verl's agg_loss modes -> (our aggregation, whether verl normalises by sequences).
@@ -70,7 +71,7 @@ _AGGREGATIONS = {
 
 def _advantage_settings() -> dict[str, Any]:
     """The advantage op's keyword arguments from the ``KRPO_*`` environment variables."""
-    settings: dict[str, Any] = {"mode": os.environ.get("KRPO_ADV_MODE", "kalman")}
+    settings: dict[str, Any] = {"mode": os.environ.get("KRPO_ADV_MODE", defaults.ADV_MODE)}
     for name, (variable, default) in _ENV_SETTINGS.items():
         value = os.environ.get(variable)
         try:

@@ -1,0 +1,32 @@
+"""Names and default values shared by the ops, the reference code, the trainer's
+configuration and the TRL / verl integrations, defined once here."""
+
+# Advantage estimators: the KRPO Kalman filter and the GRPO baselines.
+ADVANTAGE_MODES = ("kalman", "grpo", "dr_grpo", "batch_std")
+# How per-token losses become one number (see ``krpo_fast.policy_loss``).
+LOSS_AGGREGATIONS = (
+    "seq-mean-token-mean",
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+
+ADV_MODE = "kalman"
+LOSS_AGG = "seq-mean-token-mean"
+
+# The paper's Kalman filter: process variance Q, measurement variance R, x_0, P_0.
+PROCESS_VAR = 1e-5
+MEAS_VAR = 1e-2
+INIT_MEAN = 0.0
+INIT_VAR = 1.0
+# Added to sqrt(P) or to the std before dividing.
+ADV_EPS = 1e-8
+
+# Clipped surrogate and k3 KL.
+EPS_LOW = 0.2
+EPS_HIGH = 0.2
+BETA = 0.01
+
+TEMPERATURE = 1.0
+# Tokens per chunk of the LM-head ops (about chunk_size * V logits at a time).
+CHUNK_SIZE = 1024
