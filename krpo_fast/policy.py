@@ -65,7 +65,8 @@ class PackedBatch:
     logit_index: torch.Tensor  # [b, T] position in the row whose output predicts token t
     targets: torch.Tensor  # [b, T] completion token ids (0 at padding)
     mask: torch.Tensor  # [b, T] float, 1 at completion tokens
-    n_tokens: int
+    n_tokens: int  # tokens in the row (what the forward processes)
+    sequence_tokens: int  # sum of len(prompt) + len(completion): the work the rows stand for
     shared_prefix: SharedPrefixLayout | None = None  # set: prompts packed once per group
 
 
@@ -85,6 +86,7 @@ def pack(
     logit_index = torch.zeros((b, width), dtype=torch.long)
     targets = torch.zeros((b, width), dtype=torch.long)
     mask = torch.zeros((b, width))
+    sequence_tokens = sum(map(len, prompt_ids)) + sum(map(len, completion_ids))
     if shared_prefix:
         packing = pack_rows(prompt_ids, completion_ids, device)
         for i, (c, positions) in enumerate(
@@ -100,6 +102,7 @@ def pack(
             targets=targets.to(device),
             mask=mask.to(device),
             n_tokens=packing.layout.n_tokens,
+            sequence_tokens=sequence_tokens,
             shared_prefix=packing.layout,
         )
     ids, pos, start = [], [], 0
@@ -120,6 +123,7 @@ def pack(
         targets=targets.to(device),
         mask=mask.to(device),
         n_tokens=start,
+        sequence_tokens=sequence_tokens,
     )
 
 

@@ -449,6 +449,9 @@ def enable_shared_prefix_attention(model: torch.nn.Module) -> None:
     from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+    current = getattr(model.config, "_attn_implementation", None) or ""
+    if current.startswith(_IMPLEMENTATION_PREFIX):
+        return  # already switched (every config is switched at once)
     configs = {
         id(m.config): m.config
         for m in model.modules()

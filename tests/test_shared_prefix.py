@@ -147,6 +147,11 @@ def test_packing_layout_groups_identical_prompts_in_any_order():
     assert batch.targets.tolist() == [[4, 5, 6], [7, 0, 0], [8, 9, 0]]
     assert batch.mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert batch.n_tokens == 9
+    assert (
+        batch.sequence_tokens
+        == pack([[1, 2], [3], [1, 2]], [[4, 5, 6], [7], [8, 9]], "cpu").n_tokens
+        == 11
+    )
 
 
 def test_empty_completion_rows_are_zero():
@@ -203,16 +208,23 @@ def test_gradient_checkpointing_recomputes_the_shared_layout():
     _assert_grads_close(_grads_after(model, got, weights), want_grads)
 
 
-def test_plain_forwards_unchanged_after_switching_attention():
+def test_plain_forwards_and_generation_unchanged_after_switching_attention():
     model = _model("qwen2")
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(8))
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :3] = 0  # left padding
     before = model(input_ids=ids, attention_mask=attention_mask).logits
+    greedy_before = model.generate(
+        input_ids=ids, attention_mask=attention_mask, max_new_tokens=5, do_sample=False
+    )
     sequence_logprobs(model, [[3, 4]], [[5]])
     assert model.config._attn_implementation != "sdpa"
     after = model(input_ids=ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+    generated = model.generate(
+        input_ids=ids, attention_mask=attention_mask, max_new_tokens=5, do_sample=False
+    )
+    assert torch.equal(generated, greedy_before)
 
 
 def _random_qkv(layout, heads=4, kv_heads=2, dim=8, seed=9):
