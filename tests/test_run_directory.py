@@ -240,3 +240,21 @@ def test_kill_at_random_moments_then_resume_loses_nothing(tmp_path):
     assert _steps(out) == [1, 2, 3, 4, 5, 6]
     assert (out / "checkpoint-6" / "trainer_state.pt").is_file()
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+def test_torchrun_rank0_refusal_stops_every_rank(tmp_path):
+    """Under torchrun rank 0 owns the directory: its refusal ends every rank (no hang)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "krpo_fast.cli", "train", *TINY, "--prompts_per_step", "2", "--max_steps", "1",
+         "--output_dir", str(out)],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("holds another run" in line for line in errors)
+    assert any(line.startswith("error: rank 0: ") for line in errors)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
