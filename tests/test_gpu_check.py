@@ -69,13 +69,6 @@ def test_smoke_mode_runs_every_section_and_writes_the_report(tmp_path):
     assert all(run["logprob_tokens_per_s"] > 0 for run in runs)
 
 
-def test_no_gpu_without_smoke_is_refused(tmp_path):
-    done = run_script("--output", str(tmp_path), "--sections", "device")
-    assert done.returncode == 2
-    assert "--smoke" in done.stderr
-    assert not (tmp_path / "results.json").exists()
-
-
 @pytest.fixture
 def gpu_check(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))  # its sibling imports: harness, eager
@@ -121,6 +114,13 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_check_goes_on(
     gpu_check.write_report(check, {"device": "test", "command": "x", "date": "d", "versions": {}})
     readme = (tmp_path / "README.md").read_text()
     assert "## Errors" in readme and "planted failure" in readme
+
+
+def test_without_a_gpu_only_the_smoke_mode_runs(gpu_check, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gpu_check, "CUDA", False)
+    assert gpu_check.main(["--output", str(tmp_path)]) == 2
+    assert "--smoke" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_the_global_budget_skips_what_remains(gpu_check, tmp_path):
