@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.debug if cfg is not None else "--debug" in rest:
             traceback.print_exc()
         cause = e.__cause__ if isinstance(e, TrainingFailed) else e
-        expected = isinstance(cause, (ValueError, TypeError, OSError))
+        expected = isinstance(cause, (ValueError, OSError))
         hint = "" if expected else " (an internal error: run with --debug for the traceback)"
         print(f"error: {error_line(e)}{hint}", file=sys.stderr)
         return 1 if isinstance(e, TrainingFailed) else 2
