@@ -33,8 +33,10 @@ call); peak memory is ``torch.cuda.max_memory_allocated`` above the level before
 call.
 
 Writes ``README.md`` (tables), ``results.json``, ``kernel_tests.log`` and
-``trainer.log`` into ``--output`` (default ``bench/results/<gpu-name>/``), rewritten
-after every section. Exits non-zero only when the harness itself crashes.
+``trainer.log`` into ``--output``, rewritten after every section; by default
+``bench/results/<gpu-name>/gpu_check/`` (a folder of its own: ``krpo-fast bench`` writes
+its README.md one level up), ``gpu_check_smoke/`` with ``--smoke``. Exits non-zero only
+when the harness itself crashes.
 """
 
 from __future__ import annotations
@@ -1203,7 +1205,10 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny shapes, goals not judged (without a GPU: on CPU, kernels interpreted)",
     )
     parser.add_argument(
-        "--output", type=Path, default=None, help="default bench/results/<device name>"
+        "--output",
+        type=Path,
+        default=None,
+        help="default bench/results/<device name>/gpu_check (gpu_check_smoke with --smoke)",
     )
     parser.add_argument(
         "--budget_s", type=float, default=None, help="global time budget (default 450; smoke 300)"
@@ -1217,7 +1222,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     args.budget_s = args.budget_s or (300.0 if args.smoke else 450.0)
-    args.output = args.output or REPO / "bench" / "results" / device_name()
+    folder = "gpu_check_smoke" if args.smoke else "gpu_check"
+    args.output = args.output or REPO / "bench" / "results" / device_name() / folder
     args.output.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": torch.cuda.get_device_name() if CUDA else f"CPU ({platform.machine()})",
