@@ -355,7 +355,8 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
     if setup.ref is not None:
         setup.kl_rows[tok] = torch.where(active, m * kl, 0.0).float()
     setup.loss_rows[tok] = torch.where(active, w * loss, 0.0).float()
-    setup.clip_rows[tok] = torch.where(active & clipped, m, 0.0)
+    # clipped is None on-policy (old_logp None): nothing is clipped.
+    setup.clip_rows[tok] = 0.0 if clipped is None else torch.where(active & clipped, m, 0.0)
     if grad2 is not None:
         g = (torch.where(active, w * dlogp, 0.0) / temperature).float()[:, None]
         dz = centred.sub_(log_s[:, None]).exp_().mul_(-g)
