@@ -512,22 +512,21 @@ def start_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, loc
     check_loss_settings(cfg)
     out = Path(cfg.output_dir)
 
-    # Rank 0 owns the directory; the others learn its verdict (and the checkpoint).
-    claim: tuple[str | None, str | None] = (None, None)
-    failure = None
+    # Rank 0 owns the directory; the others learn its verdict and the checkpoint it chose.
+    found, failure, error = None, None, None
     if main_rank:
         try:
-            claim = (None, claim_run_directory(cfg, out, lock))
+            found = claim_run_directory(cfg, out, lock)
         except (ValueError, OSError) as e:
-            failure, claim = e, (error_line(e), None)
-    error, resume_path = distributed.broadcast_object(claim)
+            failure, error = e, error_line(e)
+    error, chosen = distributed.broadcast_object((error, found and str(found[0])))
     if failure is not None:
         raise failure
     if error is not None:
         raise ValueError(f"rank 0: {error}")
     state = None
-    if resume_path is not None:
-        resume_from, state, skipped = find_resumable(resume_path, out)
+    if chosen is not None:
+        resume_from, state, skipped = found or find_resumable(chosen, out)
         cfg = settings_on_resume(cfg, state.get("config"), main_rank)
 
     inputs = resolve_inputs(cfg)
@@ -604,9 +603,12 @@ def start_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, loc
     )  # fmt: skip
 
 
-def claim_run_directory(cfg: TrainConfig, out: Path, lock: RunLock) -> str | None:
-    """Lock ``out`` for this run and check that the run may use it; return what to resume
-    ('latest' or a checkpoint path), None for a fresh run. Changes nothing but the lock."""
+def claim_run_directory(
+    cfg: TrainConfig, out: Path, lock: RunLock
+) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]] | None:
+    """Lock ``out`` for this run and check that the run may use it. Returns what
+    :func:`find_resumable` found for ``--resume``, None for a fresh run. Changes nothing
+    but the lock."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out}: a file, not a directory")
     lock.acquire()
@@ -617,9 +619,7 @@ def claim_run_directory(cfg: TrainConfig, out: Path, lock: RunLock) -> str | Non
             f"{holder.get('host')})"
         )
     if cfg.resume:
-        # Checks that a loadable checkpoint exists; the ranks read it after this.
-        find_resumable(cfg.resume, out)
-        return cfg.resume
+        return find_resumable(cfg.resume, out)
     found = run_files(out)
     if found and not cfg.overwrite_output_dir:
         names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
