@@ -1,5 +1,7 @@
 """Shared-prefix forwards must equal per-sequence forwards: log-probs and every gradient."""
 
+import functools
+import json
 import random
 
 import pytest
@@ -341,3 +343,38 @@ def test_bad_inputs_raise():
         sequence_logprobs(model, [[]], [[2]])
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         sequence_logprobs(model, [[1]], [[2]], micro_batch_tokens=0)
+
+
+def test_trainer_steps_match_with_and_without_shared_prefix(tmp_path, monkeypatch):
+    """Three trainer steps (old and reference log-probs on, groups split across
+    micro-batches) give the same metrics with the shared prefix forced on or off."""
+    from krpo_fast import trainer
+    from krpo_fast.cli import main
+
+    args = [
+        "--model", str(bundled_model_path()), "--prompts_per_step", "2", "--group_size", "4",
+        "--max_new_tokens", "12", "--eval_size", "4", "--train_size", "20",
+        "--learning_rate", "1e-3", "--max_steps", "3", "--generation_backend", "hf",
+        "--micro_batch_size", "3", "--epochs_per_step", "2", "--beta", "0.04",
+    ]  # fmt: skip
+    runs, packed = {}, []
+
+    def forced_pack(*args, shared, **kwargs):
+        batch = pack(*args, **{**kwargs, "shared_prefix": shared})
+        packed.append(batch.shared_prefix is not None)
+        return batch
+
+    for shared in (False, True):
+        monkeypatch.setattr(trainer, "pack", functools.partial(forced_pack, shared=shared))
+        out = tmp_path / str(shared)
+        assert main(["train", *args, "--output_dir", str(out)]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[shared] = rows
+    assert len(runs[True]) == len(runs[False]) == 3
+    assert packed.count(True) == packed.count(False) > 0
+    assert {"loss", "kl", "reward_mean"} <= runs[True][0].keys()
+    for got, want in zip(runs[True], runs[False], strict=True):
+        for key, value in want.items():
+            if key.endswith("_per_s") or key.endswith("_time") or not isinstance(value, float):
+                continue
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
