@@ -164,7 +164,7 @@ SECTION_LIMITS = {
     "policy_loss": 30,
     "loss_from_logits": 120,
     "loss_from_hidden": 60,
-    "shared_prefix": 90,
+    "shared_prefix": 150,
     "trainer": 600,
 }
 SECTION_TITLES = {
