@@ -22,12 +22,7 @@ from typing import Any
 import torch
 
 from krpo_fast.logits_ops import policy_loss_from_hidden, selective_log_softmax
-from krpo_fast.shared_prefix import (
-    ATTENTION_KWARG,
-    SharedPrefixLayout,
-    enable_shared_prefix_attention,
-    pack_rows,
-)
+from krpo_fast.shared_prefix import SharedPrefixLayout, pack_rows, shared_prefix_forward
 
 
 def attn_implementation(device: torch.device) -> str:
@@ -132,13 +127,11 @@ def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tenso
 
     Only these rows reach the LM head, so the prompt tokens cost no logits.
     """
-    layout = {}
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     if batch.shared_prefix is not None:
-        enable_shared_prefix_attention(model)
-        layout[ATTENTION_KWARG] = batch.shared_prefix
-    out = model.get_decoder()(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **layout
-    )
+        out = shared_prefix_forward(model.get_decoder(), batch.shared_prefix, **inputs)
+    else:
+        out = model.get_decoder()(**inputs, use_cache=False)
     return out.last_hidden_state[0][batch.logit_index]
 
 

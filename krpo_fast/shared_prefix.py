@@ -22,6 +22,7 @@ See ``docs/shared_prefix.md``.
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ import torch.nn.functional as F
 # Keyword argument that carries the layout from the model call to the attention function.
 ATTENTION_KWARG = "krpo_shared_prefix"
 _IMPLEMENTATION_PREFIX = "krpo_shared_prefix_over_"
+# Set while a shared-prefix forward builds its masks: the split needs none, and the
+# packed-row mask transformers would build is [N, N].
+_NO_MASK = contextvars.ContextVar("krpo_shared_prefix_no_mask", default=False)
 
 
 @dataclass(eq=False)
@@ -466,9 +470,31 @@ def enable_shared_prefix_attention(model: torch.nn.Module) -> None:
             AttentionInterface.register(name, _attention_over(base))
             if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
                 ALL_MASK_ATTENTION_FUNCTIONS.register(
-                    name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base]
+                    name, _mask_over(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
                 )
         config._attn_implementation = name
+
+
+def _mask_over(base_mask: Callable) -> Callable:
+    """The base mask function, skipped (no mask) inside :func:`shared_prefix_forward`."""
+
+    def mask(*args, **kwargs):
+        return None if _NO_MASK.get() else base_mask(*args, **kwargs)
+
+    return mask
+
+
+def shared_prefix_forward(
+    decoder: torch.nn.Module, layout: SharedPrefixLayout, **inputs: Any
+) -> Any:
+    """``decoder(**inputs)`` (a Hugging Face base model over one packed row) with the
+    shared-prefix attention; switches the decoder's attention on first use."""
+    enable_shared_prefix_attention(decoder)
+    token = _NO_MASK.set(True)
+    try:
+        return decoder(**inputs, use_cache=False, **{ATTENTION_KWARG: layout})
+    finally:
+        _NO_MASK.reset(token)
 
 
 # ----------------------------------------------------------------------------- public op
