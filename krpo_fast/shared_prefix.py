@@ -13,8 +13,9 @@ takes the layout as the keyword argument ``krpo_shared_prefix``:
 
 - CPU: two SDPA calls, the prompts causal on themselves, then every completion's
   queries over ``[its prompt's keys ; its own keys]``, batched over completions;
-- CUDA: flash-attn's varlen kernel when installed (same split; causal masks align
-  bottom-right), otherwise FlexAttention with a block mask over the packed row.
+- CUDA: flash-attn's varlen kernel when installed and the inputs are half precision
+  (same split; causal masks align bottom-right), otherwise FlexAttention with a block
+  mask over the packed row.
 
 Calls without the keyword run the model's original attention unchanged.
 See ``docs/shared_prefix.md``.
@@ -23,6 +24,7 @@ See ``docs/shared_prefix.md``.
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +61,12 @@ class SharedPrefixLayout:
     @property
     def device(self) -> torch.device:
         return self.prompt_index.device
+
+    @cached_property
+    def longest_sequence(self) -> int:
+        """Longest prompt + completion of the batch."""
+        lengths = self.prompt_lengths[self.completion_group] + self.completion_lengths
+        return int(lengths.max())
 
     @cached_property
     def key_index(self) -> torch.Tensor:
@@ -357,15 +365,11 @@ def flex_split_attention(
     return out.transpose(1, 2)
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
+@functools.cache
 def _compiled_flex() -> Callable:
-    if "flex" not in _COMPILED:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=True)
-    return _COMPILED["flex"]
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def _flash_varlen() -> VarlenFunction | None:
@@ -377,7 +381,6 @@ def _flash_varlen() -> VarlenFunction | None:
 
 
 def shared_prefix_attention(
-    module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -389,16 +392,13 @@ def shared_prefix_attention(
     """Dispatch the split by device: [1, H, N, D] q/k/v -> [1, N, H, D]."""
     if query.shape[0] != 1:
         raise ValueError(f"shared-prefix attention takes one packed row, got {query.shape[0]}")
-    if sliding_window is not None:
-        longest = int(
-            (layout.prompt_lengths[layout.completion_group] + layout.completion_lengths).max()
+    if sliding_window is not None and layout.longest_sequence > sliding_window:
+        raise NotImplementedError(
+            f"sliding-window attention ({sliding_window}) shorter than a sequence"
+            f" ({layout.longest_sequence})"
         )
-        if longest > sliding_window:
-            raise NotImplementedError(
-                f"sliding-window attention ({sliding_window}) shorter than a sequence ({longest})"
-            )
     if query.device.type == "cuda":
-        varlen_fn = _flash_varlen()
+        varlen_fn = _flash_varlen() if query.dtype in (torch.float16, torch.bfloat16) else None
         if varlen_fn is not None:
             return varlen_split_attention(query, key, value, layout, varlen_fn, scaling, dropout)
         if dropout:
@@ -417,9 +417,7 @@ def _attention_over(base: str) -> Callable:
         layout = kwargs.get(ATTENTION_KWARG)
         if layout is not None:
             window = kwargs.get("sliding_window")
-            out = shared_prefix_attention(
-                module, query, key, value, layout, scaling, dropout, window
-            )
+            out = shared_prefix_attention(query, key, value, layout, scaling, dropout, window)
             return out, None
         # Some implementations (flash-attn) read their own name from the config.
         config = module.config

@@ -378,3 +378,12 @@ def test_trainer_steps_match_with_and_without_shared_prefix(tmp_path, monkeypatc
             if key.endswith("_per_s") or key.endswith("_time") or not isinstance(value, float):
                 continue
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_sliding_window_shorter_than_a_sequence_is_refused():
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=6))
+    model.config._attn_implementation = "sdpa"
+    sequence_logprobs(model, [[3, 4]], [[5, 6]])  # 4 tokens: inside the window
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        sequence_logprobs(model, [[3, 4, 5, 6]], [[7, 8, 9]])
