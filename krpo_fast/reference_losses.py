@@ -18,7 +18,9 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_TYPES",
     "RATIO_LEVELS",
+    "high_entropy_weights_reference",
     "kl_estimate_reference",
+    "off_policy_weights_reference",
     "policy_loss_family_reference",
 ]
 
@@ -46,6 +48,36 @@ def kl_estimate_reference(
         d = d.clamp(-20.0, 20.0)
         return (torch.expm1(d) - d).clamp(-10.0, 10.0)
     raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def high_entropy_weights_reference(
+    entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float
+) -> torch.Tensor:
+    """TRL's ``top_entropy_quantile`` as float64 token weights: 1 for the masked tokens
+    whose entropy is at least the (1 - top_quantile) quantile of all masked tokens'
+    entropies (``torch.quantile`` in float32, as TRL takes it), 0 elsewhere."""
+    m = mask.bool()
+    if not m.any():
+        return torch.zeros(entropy.shape, dtype=torch.float64, device=entropy.device)
+    threshold = torch.quantile(entropy[m].float(), 1 - top_quantile)
+    return ((entropy >= threshold) & m).to(torch.float64)
+
+
+def off_policy_weights_reference(
+    advantages: torch.Tensor,
+    logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mask: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's ``off_policy_mask_threshold``) as
+    float64 row weights [B]: a row is kept (1) when its advantage is >= 0 or the mean
+    over its masked tokens of sampler_logp - logp (current policy, detached; a NaN
+    counts as 0) is <= threshold, dropped (0) otherwise."""
+    m = mask.bool()
+    gap = torch.where(m, sampler_logp.to(torch.float64) - logp.detach().to(torch.float64), 0.0)
+    mean_gap = gap.nan_to_num(nan=0.0).sum(-1) / m.sum(-1).clamp(min=1)
+    return ((advantages >= 0) | (mean_gap <= threshold)).to(torch.float64)
 
 
 def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

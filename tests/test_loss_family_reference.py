@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from krpo_fast.reference import policy_loss_reference
-from krpo_fast.reference_losses import kl_estimate_reference, policy_loss_family_reference
+from krpo_fast.reference_losses import (
+    high_entropy_weights_reference,
+    kl_estimate_reference,
+    off_policy_weights_reference,
+    policy_loss_family_reference,
+)
 from krpo_fast.rollout_correction import rollout_correction
 
 
@@ -181,18 +186,45 @@ def _trl_loss(trainer, data, logp, importance_sampling_ratio=None):
     return trainer._compute_loss(trainer.model, inputs)
 
 
-def _high_entropy_weights(data, top_quantile):
-    mask = data["mask"]
-    threshold = torch.quantile(data["entropies"][mask].float(), 1 - top_quantile)
-    return ((data["entropies"] >= threshold) & mask).to(F64)
+@requires_trl
+def test_token_weight_builders_match_trl(tiny_model_and_tokenizer, tmp_path):
+    trainer = _trl_trainer(tiny_model_and_tokenizer, tmp_path)
+    data = _inputs(3)
+    mask = data["mask"].long()
+    for quantile in (0.2, 0.5, 0.9):
+        theirs = trainer.get_high_entropy_mask(data["entropies"], mask, 1 - quantile)
+        ours = high_entropy_weights_reference(data["entropies"], data["mask"], quantile)
+        assert torch.equal(ours, theirs.to(F64))
+        assert 0 < ours.sum() < data["mask"].sum()
+    for threshold in (0.0, 0.02, 0.1):
+        theirs = trl.GRPOTrainer.get_off_policy_mask(
+            data["advantages"].unsqueeze(-1), data["logp"], data["sampler"], mask, threshold
+        )
+        ours = off_policy_weights_reference(
+            data["advantages"], data["logp"], data["sampler"], data["mask"], threshold
+        )
+        assert torch.equal(ours, theirs.squeeze(-1).to(F64))
 
 
-def _off_policy_weights(data, logp, threshold):
-    """DeepSeek-V3.2's off-policy sequence mask, as a weight per row."""
-    mask = data["mask"]
-    kl = torch.where(mask, data["sampler"] - logp.detach(), 0.0).nan_to_num(nan=0.0)
-    mean_kl = kl.sum(-1) / mask.sum(-1).clamp(min=1)
-    return ((data["advantages"] >= 0) | (mean_kl <= threshold)).to(F64)
+def test_row_weights_equal_broadcast_token_weights():
+    data = _inputs(4)
+    rows = torch.tensor([1.0, 0.0, 0.5, 2.0, 1.0, 0.25, 1.5], dtype=F64)
+    results = []
+    for weights in (rows, rows.unsqueeze(-1).expand(B, T)):
+        leaf = data["logp"].clone().requires_grad_(True)
+        loss, _ = policy_loss_family_reference(
+            leaf, data["old"], data["ref"], data["advantages"], data["mask"], token_weights=weights
+        )
+        loss.backward()
+        results.append((loss, leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=0)
+    # The weights scale the policy term only: a zero-weight row keeps its KL gradient.
+    kl_only = data["logp"].clone().requires_grad_(True)
+    policy_loss_family_reference(
+        kl_only, data["old"], data["ref"], torch.zeros(B, dtype=F64), data["mask"]
+    )[0].backward()
+    torch.testing.assert_close(results[0][1][1], kl_only.grad[1], rtol=1e-12, atol=0)
 
 
 TRL_CASES = [
@@ -260,9 +292,17 @@ def test_matches_trl_compute_loss(
 
     weights = torch.ones(B, T, dtype=F64)
     if "top_entropy_quantile" in config:
-        weights = weights * _high_entropy_weights(data, config["top_entropy_quantile"])
+        weights = weights * high_entropy_weights_reference(
+            data["entropies"], data["mask"], config["top_entropy_quantile"]
+        )
     if "off_policy_mask_threshold" in config:
-        row = _off_policy_weights(data, data["logp"], config["off_policy_mask_threshold"])
+        row = off_policy_weights_reference(
+            data["advantages"],
+            data["logp"],
+            data["sampler"],
+            data["mask"],
+            config["off_policy_mask_threshold"],
+        )
         assert 0 < row.sum() < B, "the off-policy mask should drop some rows but not all"
         weights = weights * row.unsqueeze(-1)
     trl_ratio = None
