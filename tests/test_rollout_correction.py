@@ -306,3 +306,37 @@ def test_matches_trl_importance_sampling_correction(tmp_path, mode, clip_min, cl
         ("logp_diff_max", "sampling/sampling_logp_difference/max"),
     ):
         assert metrics[ours].item() == pytest.approx(logged[key], rel=1e-5), ours
+
+
+# ---------------------------------------------------------------------------- verl
+
+try:
+    rollout_corr_helper = importlib.import_module("verl.trainer.ppo.rollout_corr_helper")
+except ImportError:
+    rollout_corr_helper = None
+
+
+@pytest.mark.skipif(rollout_corr_helper is None, reason="verl is not installed")
+@pytest.mark.parametrize(
+    ("level", "threshold", "mode", "clip_min", "clip_max"),
+    [
+        ("token", 1.2, "token_truncate", None, 1.2),
+        ("sequence", 1.5, "sequence_truncate", None, 1.5),
+        ("token", "0.85_1.15", "token_mask", 0.85, 1.15),
+        ("sequence", "0.6_1.4", "sequence_mask", 0.6, 1.4),
+    ],
+)
+def test_matches_verl_rollout_is_weights(level, threshold, mode, clip_min, clip_max):
+    """verl's rollout_is (truncation to an upper bound, or IcePop's "lower_upper" mask)
+    is the same correction; verl returns [B, T] weights, zero on padding."""
+    old, sampler, mask = _batch(9, rows=16, length=8)
+    theirs, _ = rollout_corr_helper.compute_rollout_correction_weights(
+        old - sampler, mask.float(), rollout_is=level, rollout_is_threshold=threshold
+    )
+    ours, metrics = rollout_correction(
+        old, sampler, mask, mode=mode, clip_min=clip_min, clip_max=clip_max
+    )
+    if ours.dim() == 1:
+        ours = ours.unsqueeze(-1) * mask
+    torch.testing.assert_close(ours, theirs)
+    assert 0 < metrics["clipped_fraction"] < 1
