@@ -71,7 +71,7 @@ def rollout_correction(
     - ``token_mask``: w_t = exp(d_t), or 0 outside [clip_min, clip_max], [B, T].
     - ``sequence_truncate``: w_i = clamp(exp(sum of d over the row), ...), shape [B]:
       the ratio of the whole sequence's probabilities (a SUM of log ratios, as TRL
-      1.16 does; verl's GSPO-style mean is not this).
+      1.16 and verl do, not the mean that makes the GSPO ratio).
     - ``sequence_mask``: w_i = exp(sum of d), or 0 outside the bounds, shape [B].
 
     A missing bound (None) does not act; the ``*_truncate`` modes need at least one.
@@ -101,6 +101,8 @@ def rollout_correction(
         raise ValueError(f"mode must be one of {ROLLOUT_CORRECTION_MODES}, got {mode!r}")
     clip_min = _check_bound("clip_min", clip_min)
     clip_max = _check_bound("clip_max", clip_max)
+    if clip_max == 0:
+        raise ValueError("clip_max must be > 0 or None (0 would zero every weight)")
     if clip_min is not None and clip_max is not None and clip_min >= clip_max:
         raise ValueError(f"clip_min ({clip_min}) must be < clip_max ({clip_max})")
     truncate = mode.endswith("_truncate")

@@ -182,6 +182,7 @@ def test_bad_input_names_the_argument():
         ((old, sampler, mask), {"clip_min": -0.1}, ValueError, "clip_min"),
         ((old, sampler, mask), {"clip_max": float("inf")}, ValueError, "clip_max"),
         ((old, sampler, mask), {"clip_max": True}, TypeError, "clip_max"),
+        ((old, sampler, mask), {"clip_max": 0}, ValueError, "clip_max"),
         ((old, sampler, mask), {"clip_min": 2.0, "clip_max": 2.0}, ValueError, "clip_min"),
         (
             (old, sampler, mask),
