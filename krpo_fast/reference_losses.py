@@ -144,6 +144,10 @@ def policy_loss_family_reference(
         raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if loss_type != "clip" and (delta is not None or dual_clip is not None):
+        raise ValueError(
+            f"delta and dual_clip bound the clip surrogate, not loss_type={loss_type!r}"
+        )
 
     f64 = torch.float64
     m = mask.bool()

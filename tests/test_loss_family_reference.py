@@ -90,6 +90,20 @@ def test_default_options_are_the_paper_loss():
         assert 0 < metrics["clip_fraction"] < 1
 
 
+def test_options_that_do_not_apply_are_rejected():
+    data = _inputs(0)
+    args = (data["logp"], data["old"], data["ref"], data["advantages"], data["mask"])
+    for options, match in (
+        ({"loss_type": "cispo", "delta": 2.0}, "delta and dual_clip"),
+        ({"loss_type": "sapo", "dual_clip": 3.0}, "delta and dual_clip"),
+        ({"dual_clip": 1.0}, "dual_clip must be > 1"),
+        ({"ratio_level": "row"}, "ratio_level"),
+        ({"kl_estimator": "k4"}, "kl_estimator"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            policy_loss_family_reference(*args, **options)
+
+
 def test_masked_out_tokens_may_hold_nan_and_inf():
     data = _inputs(1)
     poisoned = {k: v.clone() for k, v in data.items()}
