@@ -26,7 +26,12 @@ import torch
 from tqdm import tqdm
 
 from krpo_fast import distributed
-from krpo_fast.checkpoint import find_resumable, restore_trainer_state, save_checkpoint
+from krpo_fast.checkpoint import (
+    find_resumable,
+    list_checkpoints,
+    restore_trainer_state,
+    save_checkpoint,
+)
 from krpo_fast.config import RESUME_IGNORES, RESUME_KEEPS, EvalConfig, TrainConfig
 from krpo_fast.data import (
     DEFAULT_TASK,
@@ -83,6 +88,12 @@ def resolve_model(model: str) -> str:
     if not model:
         return str(bundled_model_path())
     if Path(model).is_dir() and not (Path(model) / "config.json").is_file():
+        checkpoints = list_checkpoints(model)
+        if checkpoints:
+            raise FileNotFoundError(
+                f"--model {model}: a run directory, not a model; pass one of its checkpoints "
+                f"(the newest: {checkpoints[-1]})"
+            )
         raise FileNotFoundError(f"--model {model}: no config.json in this folder")
     if not Path(model).is_dir() and Path(model).exists():
         raise ValueError(f"--model {model}: a file, not a model folder")
@@ -835,19 +846,25 @@ def _train(run: Run, started: float) -> dict[str, Any]:
 
     if last_eval is None:  # resumed from the final checkpoint: nothing ran
         last_eval = held_out_accuracy()
+    return finish_run(run, last_eval, started)
+
+
+def finish_run(run: Run, accuracy_after: float, started: float) -> dict[str, Any]:
+    """The run's summary; rank 0 also writes it and the plots into the run directory."""
+    progress = run.progress
     summary = {
         "accuracy_before": progress["accuracy_before"],
-        "accuracy_after": last_eval,
-        "eval_size": len(held_out.rows),
+        "accuracy_after": accuracy_after,
+        "eval_size": len(run.inputs.held_out.rows),
         "steps": progress["step"],
         "wall_time_s": round(progress["elapsed"] + time.perf_counter() - started, 1),
         "generation_backend": run.backend,
-        "world_size": world,
+        "world_size": run.world,
         "model": run.inputs.model_path,
         "final_checkpoint": str(run.out / f"checkpoint-{progress['step']}"),
     }
-    if main_rank:
-        rows = read_metrics(metrics_path)
+    if run.rank == 0:
+        rows = read_metrics(run.out / METRICS_FILE)
         if rows:
             plot_metrics(rows, run.out)
         atomic_write_text(run.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")

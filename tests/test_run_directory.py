@@ -112,6 +112,11 @@ def test_resume_only_continues_this_directorys_run(capsys, tmp_path):
     assert code == 2 and "not a checkpoint of --output_dir" in err
     code, err = _train(capsys, b, "--max_steps", "2", "--resume")
     assert code == 2 and "no checkpoint" in err
+    # A run directory given as a model points at its newest checkpoint.
+    assert main(["eval", "--model", str(a)]) == 2
+    assert (
+        f"pass one of its checkpoints (the newest: {a / 'checkpoint-1'})" in capsys.readouterr().err
+    )
 
 
 def test_second_process_fails_at_once_naming_the_holder(tmp_path):
@@ -120,6 +125,7 @@ def test_second_process_fails_at_once_naming_the_holder(tmp_path):
     try:
         while first.poll() is None and not (out / "metrics.jsonl").is_file():
             time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-2000:]
         holder = json.loads((out / LOCK_FILE).read_text())
         assert holder["pid"] == first.pid
         t0 = time.perf_counter()
