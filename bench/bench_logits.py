@@ -29,6 +29,7 @@ from harness import (
     sizes,
 )
 
+from krpo_fast import defaults
 from krpo_fast.logits_ops import (
     policy_loss_from_hidden,
     policy_loss_from_logits,
@@ -37,7 +38,8 @@ from krpo_fast.logits_ops import (
 from krpo_fast.reference import policy_loss_reference, token_logprobs_reference
 
 PASSES = ("fwd", "fwd+bwd")
-BETA, EPS, TEMPERATURE = 0.01, 0.2, 1.0
+# krpo-fast's defaults, passed explicitly to every peer (Liger's own differ).
+BETA, EPS, TEMPERATURE = defaults.BETA, defaults.EPS_LOW, defaults.TEMPERATURE
 
 
 def _liger_reason() -> str | None:

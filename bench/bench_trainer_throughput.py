@@ -45,6 +45,7 @@ from eager import group_advantages_eager, policy_loss_eager, selective_log_softm
 
 import krpo_fast.policy as krpo_policy
 import krpo_fast.trainer as krpo_trainer
+from krpo_fast import defaults
 from krpo_fast.config import TrainConfig
 from krpo_fast.data import format_prompt, make_arithmetic_splits
 from krpo_fast.reference import (
@@ -73,11 +74,11 @@ def _loss_paper(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
-    loss_agg: str = "seq-mean-token-mean",
+    temperature: float = defaults.TEMPERATURE,
+    eps_low: float = defaults.EPS_LOW,
+    eps_high: float = defaults.EPS_HIGH,
+    beta: float = defaults.BETA,
+    loss_agg: str = defaults.LOSS_AGG,
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Full logits, then the paper-style log-probs and loss (the trainer's signature)."""
@@ -106,15 +107,15 @@ def _loss_vectorised(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
-    loss_agg: str = "seq-mean-token-mean",
+    temperature: float = defaults.TEMPERATURE,
+    eps_low: float = defaults.EPS_LOW,
+    eps_high: float = defaults.EPS_HIGH,
+    beta: float = defaults.BETA,
+    loss_agg: str = defaults.LOSS_AGG,
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Full logits, then ``bench/eager.py`` (seq-mean-token-mean only)."""
-    assert loss_agg == "seq-mean-token-mean", loss_agg
+    assert loss_agg == defaults.LOSS_AGG, loss_agg
     logp = selective_log_softmax_eager(hidden @ weight.T, targets, temperature=temperature)
     old = logp.detach() if old_logp is None else old_logp
     ref = logp.detach() if ref_logp is None else ref_logp

@@ -13,6 +13,8 @@ positional and every hyperparameter is keyword-only.
 
 import torch
 
+from krpo_fast import defaults
+
 __all__ = [
     "group_advantages_eager",
     "krpo_loss_eager",
@@ -27,12 +29,12 @@ def group_advantages_eager(
     rewards: torch.Tensor,
     *,
     group_size: int,
-    mode: str = "kalman",
-    process_var: float = 1e-5,
-    meas_var: float = 1e-2,
-    init_mean: float = 0.0,
-    init_var: float = 1.0,
-    eps: float = 1e-8,
+    mode: str = defaults.ADV_MODE,
+    process_var: float = defaults.PROCESS_VAR,
+    meas_var: float = defaults.MEAS_VAR,
+    init_mean: float = defaults.INIT_MEAN,
+    init_var: float = defaults.INIT_VAR,
+    eps: float = defaults.ADV_EPS,
 ) -> torch.Tensor:
     """Advantages of uniform groups ([B] rewards, B = n_groups * group_size), float32.
 
@@ -59,7 +61,7 @@ def group_advantages_eager(
         return (centred / (r.std(dim=1, keepdim=True) + eps)).view(-1)
     if mode == "batch_std":
         return (centred / (r.std() + eps)).view(-1)
-    raise ValueError(f"unknown mode {mode!r}")
+    raise ValueError(f"unknown mode {mode!r}; choose from {defaults.ADVANTAGE_MODES}")
 
 
 def policy_loss_eager(
@@ -69,9 +71,9 @@ def policy_loss_eager(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
+    eps_low: float = defaults.EPS_LOW,
+    eps_high: float = defaults.EPS_HIGH,
+    beta: float = defaults.BETA,
 ) -> torch.Tensor:
     """The clipped policy-gradient loss with k3 KL, "seq-mean-token-mean", in float32.
 
@@ -97,9 +99,9 @@ def krpo_loss_eager(
     mask: torch.Tensor,
     *,
     group_size: int,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
+    eps_low: float = defaults.EPS_LOW,
+    eps_high: float = defaults.EPS_HIGH,
+    beta: float = defaults.BETA,
 ) -> torch.Tensor:
     """Kalman advantages from the rewards, then :func:`policy_loss_eager`."""
     advantages = group_advantages_eager(rewards, group_size=group_size)
@@ -109,7 +111,7 @@ def krpo_loss_eager(
 
 
 def selective_log_softmax_eager(
-    logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0
+    logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = defaults.TEMPERATURE
 ) -> torch.Tensor:
     """``log_softmax(logits / T)`` at ``token_ids`` as the logit minus the row's
     logsumexp (no [.., V] log-prob tensor), in float32."""
@@ -126,10 +128,10 @@ def policy_loss_from_logits_eager(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
+    eps_low: float = defaults.EPS_LOW,
+    eps_high: float = defaults.EPS_HIGH,
+    beta: float = defaults.BETA,
+    temperature: float = defaults.TEMPERATURE,
 ) -> torch.Tensor:
     """:func:`selective_log_softmax_eager` then :func:`policy_loss_eager`."""
     logp = selective_log_softmax_eager(logits, token_ids, temperature=temperature)
@@ -147,10 +149,10 @@ def policy_loss_from_hidden_eager(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.01,
+    eps_low: float = defaults.EPS_LOW,
+    eps_high: float = defaults.EPS_HIGH,
+    beta: float = defaults.BETA,
+    temperature: float = defaults.TEMPERATURE,
 ) -> torch.Tensor:
     """The full [B, T, V] logits ``hidden @ W.T``, then
     :func:`policy_loss_from_logits_eager`. ``hidden``: [B, T, H]; weight: [V, H]."""
@@ -162,8 +164,8 @@ def policy_loss_from_hidden_eager(
         ref_logp,
         advantages,
         mask,
-        temperature=temperature,
         eps_low=eps_low,
         eps_high=eps_high,
         beta=beta,
+        temperature=temperature,
     )
