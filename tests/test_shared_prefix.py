@@ -387,3 +387,71 @@ def test_sliding_window_shorter_than_a_sequence_is_refused():
     sequence_logprobs(model, [[3, 4]], [[5, 6]])  # 4 tokens: inside the window
     with pytest.raises(NotImplementedError, match="sliding-window"):
         sequence_logprobs(model, [[3, 4, 5, 6]], [[7, 8, 9]])
+
+
+def test_trl_trainer_shared_prefix_gives_trl_logprobs_loss_and_gradients(tmp_path):
+    """KRPOConfig(shared_prefix=True): TRL's own per-token log-probs (its fused LM head)
+    on the real tokens, and the same loss and gradients, on a left/right-padded batch."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from krpo_fast.integrations.trl import KRPOConfig, KRPOGRPOTrainer
+
+    path = bundled_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    args = KRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=8, temperature=0.7, beta=0.04, report_to="none", use_cpu=True,
+        bf16=False, seed=0, save_strategy="no", shared_prefix=True, loss_type="grpo",
+    )  # fmt: skip
+    trainer = KRPOGRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["Q:1+2=\nA:"] * 4}),
+        processing_class=AutoTokenizer.from_pretrained(path),
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    g = torch.Generator().manual_seed(14)
+    prompt_ids = torch.randint(3, 100, (6, 7), generator=g)
+    prompt_ids[[3, 5]] = prompt_ids[0].clone()  # one group of three rows, not contiguous
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[1, :4] = prompt_mask[2, :2] = 0  # left padding
+    prompt_ids = prompt_ids * prompt_mask
+    completion_ids = torch.randint(3, 100, (6, 8), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    for row, length in enumerate([8, 1, 5, 3, 8, 6]):
+        completion_mask[row, length:] = 0  # right padding after EOS
+    completion_ids[completion_mask == 0] = 0
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+    mask = completion_mask.bool()
+
+    results = {}
+    for shared in (False, True):
+        trainer._krpo_shared_prefix = shared
+        with torch.no_grad():
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, 8
+            )
+        inputs = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "advantages": torch.linspace(-1, 1, 6),
+            "old_per_token_logps": logps + 0.05 * mask,
+            "ref_per_token_logps": logps - 0.05 * mask,
+        }
+        model.zero_grad(set_to_none=True)
+        loss = trainer._compute_loss(model, inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[shared] = (logps, loss.detach(), grads)
+    torch.testing.assert_close(
+        results[True][0][mask], results[False][0][mask], rtol=1e-5, atol=1e-5
+    )
+    assert torch.all(results[True][0][~mask] == 0)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
+    _assert_grads_close(results[True][2], results[False][2])

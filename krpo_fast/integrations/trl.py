@@ -38,6 +38,9 @@ What changes against ``GRPOTrainer``:
   ``off_policy_mask_threshold``, ``use_bias_correction_kl`` with ``beta != 0`` (TRL's
   default is True; :class:`KRPOConfig` defaults it to False), the entropy bonus, vLLM
   importance-sampling correction) and ``multi_objective_aggregation="normalize_then_sum"``.
+- ``KRPOConfig(shared_prefix=True)``: the policy, old and reference per-token log-probs
+  come from ``krpo_fast.sequence_logprobs``, which forwards each prompt once per group
+  (same values; see ``docs/shared_prefix.md``).
 - Metrics added to TRL's logs: ``krpo/advantages/{mean,std,abs_max}``, ``kl`` (when
   ``beta != 0``) and ``clip_ratio/region_mean`` (krpo-fast's clip fraction: the share of
   tokens whose gradient the clip removes, TRL's definition of that metric).
@@ -49,11 +52,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 
 from krpo_fast import defaults
 from krpo_fast.defaults import ADVANTAGE_MODES
 from krpo_fast.ops import group_advantages, policy_loss
+from krpo_fast.shared_prefix import sequence_logprobs
 
 __all__ = ["LOSS_TYPE_TO_AGG", "KRPOConfig", "KRPOGRPOTrainer"]
 
@@ -109,6 +114,14 @@ class KRPOConfig(GRPOConfig):
     use_bias_correction_kl: bool = field(
         default=False, metadata={"help": "Not supported by the fused loss; must stay False."}
     )
+    shared_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the per-token log-probs (policy, old, reference) with each "
+            "prompt forwarded once per group (krpo_fast.sequence_logprobs): the same "
+            "values with less work. Text-only models without a wrapper; others fall back."
+        },
+    )
 
 
 def _unsupported_options(args: GRPOConfig, trainer: GRPOTrainer) -> list[str]:
@@ -161,6 +174,7 @@ class KRPOGRPOTrainer(GRPOTrainer):
             for name in ("adv_mode", "process_var", "meas_var", "init_mean", "init_var", "adv_eps")
         }
         self._krpo_rewards_per_func: torch.Tensor | None = None
+        self._krpo_shared_prefix = getattr(self.args, "shared_prefix", False)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL returns the rewards of every process; keep them for the advantages.
@@ -224,6 +238,62 @@ class KRPOGRPOTrainer(GRPOTrainer):
         metrics["krpo/advantages/std"].append(all_advantages.std().nan_to_num(0.0).item())
         metrics["krpo/advantages/abs_max"].append(all_advantages.abs().max().item())
         return output
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **model_inputs,
+    ):
+        """TRL's per-token log-probs, through the shared-prefix forward when it applies.
+
+        It applies to plain Hugging Face models (no DDP/PEFT wrapper), text only, without
+        entropies or MoE aux loss, and completion masks that end at the first padding
+        (TRL's). Log-probs past a completion's mask are 0 instead of TRL's values there,
+        which nothing downstream reads.
+        """
+        prompt_mask = attention_mask[:, :-logits_to_keep].bool()
+        completion_mask = attention_mask[:, -logits_to_keep:].bool()
+        applies = (
+            self._krpo_shared_prefix
+            and isinstance(model, PreTrainedModel)
+            and not compute_entropy
+            and not compute_aux_loss
+            and all(value is None for value in model_inputs.values())
+            and bool((completion_mask.cummin(dim=1).values == completion_mask).all())
+        )
+        if not applies:
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **model_inputs,
+            )
+        prompt_ids, completion_ids = input_ids[:, :-logits_to_keep], input_ids[:, -logits_to_keep:]
+        prompts = [row[keep].tolist() for row, keep in zip(prompt_ids, prompt_mask, strict=True)]
+        completions = [
+            row[keep].tolist() for row, keep in zip(completion_ids, completion_mask, strict=True)
+        ]
+        # TRL's batch_size bounds the rows per forward; bound the packed tokens alike.
+        budget = batch_size * input_ids.shape[1] if batch_size else None
+        with self.accelerator.autocast():
+            logps, _ = sequence_logprobs(
+                model,
+                prompts,
+                completions,
+                temperature=self.temperature,
+                micro_batch_tokens=budget,
+            )
+        return torch.nn.functional.pad(logps, (0, logits_to_keep - logps.shape[1])), None, None
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
