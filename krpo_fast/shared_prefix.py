@@ -519,32 +519,21 @@ def plan_micro_batches(
     batches: list[list[int]] = [[]]
     used = 0
     for prompt, members in groups.items():
-        p = len(prompt)
-        costs = [len(completion_ids[r]) + (0 if shared_prefix else p) for r in members]
-        group_cost = sum(costs) + (p if shared_prefix else 0)
-        if used + group_cost <= max_tokens:
-            batches[-1].extend(members)
-            used += group_cost
-            continue
-        if group_cost <= max_tokens:
-            batches.append(list(members))
-            used = group_cost
-            continue
-        # Split by completions: each part pays for its own prompt copy.
-        prompt_cost = p if shared_prefix else 0
-        started = False
+        prompt_cost = len(prompt) if shared_prefix else 0
+        costs = [len(completion_ids[r]) + len(prompt) - prompt_cost for r in members]
+        whole = prompt_cost + sum(costs)
+        if used + whole > max_tokens and whole <= max_tokens:
+            batches.append([])  # the group fits in a micro-batch of its own
+            used = 0
+        prompt_counted = False  # in the current micro-batch
         for row, cost in zip(members, costs, strict=True):
-            if not started:
-                if used + prompt_cost + cost > max_tokens and batches[-1]:
-                    batches.append([])
-                    used = 0
-                used += prompt_cost
-                started = True
-            elif used + cost > max_tokens:
-                batches.append([])
-                used = prompt_cost
+            extra = cost if prompt_counted else cost + prompt_cost
+            if used + extra > max_tokens and batches[-1]:
+                batches.append([])  # split the group: the next part pays for its prompt too
+                used, extra = 0, cost + prompt_cost
             batches[-1].append(row)
-            used += cost
+            used += extra
+            prompt_counted = True
     return [b for b in batches if b]
 
 

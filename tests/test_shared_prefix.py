@@ -184,6 +184,16 @@ def test_micro_batches_keep_groups_whole_or_split_by_completions():
     assert plan_micro_batches(prompts, completions, None) == [[0, 1, 2, 3, 4]]
 
 
+@pytest.mark.parametrize("cap", [1, 9, 20, 37, 1000])
+def test_micro_batches_cover_every_row_once_within_the_cap(cap):
+    prompts, completions = _rows(64, seed=cap)
+    batches = plan_micro_batches(prompts, completions, cap)
+    assert sorted(r for b in batches for r in b) == list(range(len(prompts)))
+    for rows in batches:
+        packed = pack_rows([prompts[r] for r in rows], [completions[r] for r in rows])
+        assert packed.layout.n_tokens <= cap or len(rows) == 1
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_micro_batch_tokens_give_the_same_logprobs_and_gradients(shared):
     model = _model("qwen2")
