@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,7 +152,8 @@ def test_second_process_fails_at_once_naming_the_holder(tmp_path):
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"pid {first.pid}" in resumed.stdout  # the take-over notice
-    assert _steps(out) == [1, 2, 3]
+    steps = _steps(out)  # the first run may have got past step 3 before the kill
+    assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1))
 
 
 def test_lock_in_process(tmp_path):
@@ -165,12 +167,19 @@ def test_lock_in_process(tmp_path):
     second.release()
 
 
+@pytest.fixture(scope="module")
+def three_step_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("three") / "run"
+    assert main(["train", *TINY, "--output_dir", str(out), "--max_steps", "3"]) == 0
+    return out
+
+
 @pytest.mark.parametrize(
     "damage", ["truncated weights", "garbage state", "empty state", "no optimizer"]
 )
-def test_resume_falls_back_past_a_damaged_checkpoint(capsys, tmp_path, damage):
+def test_resume_falls_back_past_a_damaged_checkpoint(capsys, tmp_path, three_step_run, damage):
     out = tmp_path / "run"
-    assert _train(capsys, out, "--max_steps", "3")[0] == 0
+    shutil.copytree(three_step_run, out)
     want = (out / "metrics.jsonl").read_text().splitlines()
     newest = out / "checkpoint-3"
     if damage == "truncated weights":
@@ -229,7 +238,7 @@ def test_kill_at_random_moments_then_resume_loses_nothing(tmp_path):
     """kill -9 at several points of a run (also while it resumes), then --resume: the
     metrics end as one row per step, 1..N, and the final checkpoint exists."""
     out = tmp_path / "run"
-    for delay in (4.0, 5.5, 7.0):
+    for delay in (4.0, 6.0):
         flags = ["--max_steps", "6"] + (["--resume"] if (out / "checkpoint-1").exists() else [])
         proc = _spawn(out, *flags)
         time.sleep(delay)
