@@ -153,6 +153,8 @@ def find_resumable(
             return path, read_checkpoint(path), skipped
         except ValueError as e:
             skipped.append((path, str(e)))
+    if resume != "latest":
+        raise ValueError(f"--resume {resume}: {skipped[0][1]}")
     reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
     raise ValueError(f"--resume: no checkpoint in {output_dir} loads completely ({reasons})")
 

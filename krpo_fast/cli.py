@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         from krpo_fast.study import main as study_main
 
         return study_main(rest)
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     from krpo_fast.trainer import TrainingFailed, error_line, evaluate, train
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars; ours is the step bar
+    hub_logging.set_verbosity_error()  # its retry warnings would precede our one-line error
 
     cfg: TrainConfig | EvalConfig | None = None
     try:

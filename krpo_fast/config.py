@@ -182,8 +182,9 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.learning_rate <= 0 or self.temperature <= 0:
-            raise ValueError("--learning_rate and --temperature must be > 0")
+        for name in ("learning_rate", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.reward_flip_rate <= 1:
             raise ValueError(f"--reward_flip_rate must be in [0, 1], got {self.reward_flip_rate}")
         if not 0 < self.top_p <= 1:

@@ -208,7 +208,8 @@ def resolve_inputs(cfg: TrainConfig | EvalConfig) -> Inputs:
     elif cfg.dataset == "arithmetic":
         train_rows, eval_rows = load_rows("arithmetic", "", 0, cfg.eval_size, cfg.seed)
     else:
-        train_rows, eval_rows = load_rows("", cfg.dataset, 0, cfg.eval_size, cfg.seed)
+        held_out_file = _existing_file(cfg.dataset, "--dataset")
+        train_rows, eval_rows = load_rows("", held_out_file, 0, cfg.eval_size, cfg.seed)
 
     from transformers import AutoConfig, AutoTokenizer
 
