@@ -15,7 +15,6 @@ allocated before are excluded).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -182,17 +181,24 @@ def report(table: str, repeats: int) -> str:
 
 `OMP_NUM_THREADS=1 python bench/bench_shared_prefix.py --output bench/results/cpu/shared_prefix.md`
 
-Machine: shared 2-core CPU ({platform.processor() or platform.machine()}), one thread
-(`OMP_NUM_THREADS=1`), torch {torch.__version__}; both modes measured side by side in one
-run. Time: median of {repeats} forward+backward passes of `krpo_fast.sequence_logprobs`
-(loss = sum of the completion log-probs), `shared_prefix=False` (every prompt+completion
-packed separately) against `shared_prefix=True`. Peak: the highest net bytes allocated
-through torch's CPU allocator during one forward+backward (torch.profiler memory events),
-excluding the weights. One group of G full-length completions per shape.
+Machine: shared 2-core x86_64 CPU (other jobs running), one thread (`OMP_NUM_THREADS=1`),
+torch {torch.__version__}. All forwards of a shape are measured side by side in one run,
+interleaved, so load changes hit them alike. Time: median of {repeats} forward+backward
+passes (loss = sum of the completion log-probs). Peak: the highest net bytes allocated
+through torch's CPU allocator during one forward+backward (torch.profiler memory events):
+activations, temporaries and gradients, not the weights. One group of G full-length
+completions of one prompt per shape.
 
-Models: the bundled `krpo_fast/assets/tiny_llama` (0.65M parameters, 3 layers, hidden 128)
-at (80, 34, 8), the bundled task's shape; a randomly initialised Llama ({config}) for the
-others.
+Forwards: `krpo_fast.sequence_logprobs` with `shared_prefix=False` in one call (all G
+sequences packed in one row: what the trainer does per micro-batch), the same with
+`micro_batch_tokens=p+c` (one forward per sequence), a plain Hugging Face forward of the
+G sequences as one `[G, p+c]` batch, and `shared_prefix=True`. The one-call row is left
+out above {ONE_CALL_LIMIT} prompt tokens per call: transformers builds a dense [N, N]
+mask for a packed row on SDPA and attends over all N keys, which takes gigabytes there.
+
+Models: the bundled `krpo_fast/assets/tiny_llama` (0.65M parameters, 3 layers, hidden
+128) at (80, 34, 8), the bundled task's shape; a randomly initialised Llama ({config})
+for the others.
 
 {table}
 """
