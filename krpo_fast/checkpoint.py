@@ -10,6 +10,7 @@ completely (:func:`find_resumable`), naming each newer one it skips and why.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from krpo_fast.run_dir import fsync_directory
 
 STATE_FILE = "trainer_state.pt"
 STATE_KEYS = ("step", "optimizer", "scheduler", "rng")
+_FULL = 64 << 20  # free bytes under which a failed checkpoint write is a full disk
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -70,6 +72,49 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(
+            tmp, step, model, tokenizer, optimizer, scheduler, extra, copy_files, model_state,
+            optimizer_state,
+        )  # fmt: skip
+    except BaseException as e:
+        free = shutil.disk_usage(output_dir).free
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk gets its space back
+        # torch and safetensors report a full disk in their own words ("unexpected pos",
+        # "I/O error"): name it as the OSError it is.
+        if isinstance(e, Exception) and not isinstance(e, OSError) and free < _FULL:
+            raise OSError(
+                errno.ENOSPC, f"No space left on device ({free >> 20} MiB free)", str(tmp)
+            ) from e
+        raise
+    if final.exists():  # re-saving a step (a resumed run): move the old one aside first
+        old = output_dir / f"checkpoint-{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fsync_directory(output_dir)
+    if keep:
+        for stale in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(stale)
+    return final
+
+
+def _write_checkpoint(
+    tmp: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any],
+    copy_files: list[Path],
+    model_state: dict[str, torch.Tensor] | None,
+    optimizer_state: Any,
+) -> None:
+    """The files of a checkpoint, synced to disk, in the folder ``tmp``."""
     model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for path in copy_files:
@@ -86,19 +131,6 @@ def save_checkpoint(
         with path.open("rb") as fh:
             os.fsync(fh.fileno())
     fsync_directory(tmp)
-    if final.exists():  # re-saving a step (a resumed run): move the old one aside first
-        old = output_dir / f"checkpoint-{step}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    fsync_directory(output_dir)
-    if keep:
-        for stale in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(stale)
-    return final
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -1,6 +1,9 @@
 """Atomic checkpoints: layout, pruning, resume resolution, RNG round trip."""
 
+import errno
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +99,28 @@ def test_damaged_checkpoints_are_skipped_newest_first(tmp_path):
     with pytest.raises(ValueError, match="checkpoint-3: model.safetensors is truncated"):
         find_resumable(str(tmp_path / "checkpoint-3"), tmp_path)
     check_weights(tmp_path / "checkpoint-1")
+
+
+def test_full_disk_is_an_oserror_and_frees_the_partial_checkpoint(tmp_path, monkeypatch):
+    import krpo_fast.checkpoint as checkpoint
+
+    model, tok, opt, sched = _parts()
+
+    def torch_save_on_full_disk(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2")
+
+    monkeypatch.setattr(checkpoint.torch, "save", torch_save_on_full_disk)
+    monkeypatch.setattr(
+        checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 0)
+    )
+    with pytest.raises(OSError, match="No space left on device") as info:
+        save_checkpoint(tmp_path, 1, model, tok, opt, sched, {}, [], 0)
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("checkpoint-1.tmp")
+    assert list(tmp_path.iterdir()) == []
+    # With room to spare, the same failure is not called a full disk.
+    monkeypatch.setattr(
+        checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(9, 9, 1 << 40)
+    )
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        save_checkpoint(tmp_path, 1, model, tok, opt, sched, {}, [], 0)
