@@ -10,11 +10,13 @@ leaves either the old file or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_FILE = "run.lock"
@@ -33,16 +35,32 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Put ``path`` into OSErrors that lack a file name (a failed write has none)."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one step: a kill leaves the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with naming(path), tmp.open("w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_directory(path.parent)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line (a kill mid-write leaves a torn last line, which readers drop)."""
+    with naming(path), path.open("a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
 
 
 def run_files(directory: str | Path) -> list[Path]:

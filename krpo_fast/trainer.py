@@ -64,6 +64,7 @@ from krpo_fast.run_dir import (
     METRICS_FILE,
     SUMMARY_FILE,
     RunLock,
+    append_line,
     atomic_write_text,
     clear_run,
     run_files,
@@ -813,8 +814,7 @@ def _train(run: Run, started: float) -> dict[str, Any]:
         if step + 1 == cfg.max_steps or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0):
             row["eval_accuracy"] = last_eval = held_out_accuracy()
         if main_rank:
-            with metrics_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_line(metrics_path, json.dumps(row))
             if skipped:
                 tqdm.write(f"step {step + 1}: skipped {skipped} update(s) with a non-finite loss")
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}")

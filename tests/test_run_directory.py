@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from krpo_fast.checkpoint import check_weights, find_resumable
 from krpo_fast.cli import main
-from krpo_fast.run_dir import LOCK_FILE, RunLock, atomic_write_text
+from krpo_fast.run_dir import LOCK_FILE, RunLock, append_line, atomic_write_text
 
 TINY = [
     "--eval_size", "4",
@@ -273,3 +274,12 @@ def test_torchrun_rank0_refusal_stops_every_rank(tmp_path):
     assert len(errors) == 2 and all("holds another run" in line for line in errors)
     assert any(line.startswith("error: rank 0: ") for line in errors)
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_failed_writes_name_the_file():
+    full = Path("/dev/full")  # every write fails with ENOSPC
+    if not full.exists():
+        pytest.skip("no /dev/full on this system")
+    with pytest.raises(OSError, match="No space left") as info:
+        append_line(full, '{"step": 1}')
+    assert info.value.filename == str(full)
