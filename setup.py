@@ -28,6 +28,7 @@ setup(
         "torch>=2.6",
         "triton>=3.6",
         "transformers>=4.56",
+        "huggingface_hub",  # imported by the CLI (its logging); transformers depends on it too
         "safetensors",
         "tokenizers",
         "numpy",
