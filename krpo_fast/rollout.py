@@ -83,16 +83,23 @@ class HFGenerator:
         )
         was_training = self.model.training
         self.model.eval()
+        ids, attn = ids.to(device), attn.to(device)
         with preserved_rng():
+            cache = self._prefill_once(ids, attn, n)
+            if cache is not None:
+                ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+                inputs = {"past_key_values": cache}
+            else:
+                inputs = {"num_return_sequences": n}
             torch.manual_seed(seed)
             out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attn.to(device),
+                input_ids=ids,
+                attention_mask=attn,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=n,
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_id,
                 use_cache=True,
+                **inputs,
                 **sampling,
             )
         self.model.train(was_training)
@@ -101,6 +108,31 @@ class HFGenerator:
             cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
             completions.append(row[:cut])
         return completions
+
+    def _prefill_once(self, ids: torch.Tensor, attn: torch.Tensor, n: int) -> Any:
+        """The KV cache of every prompt but its last token, computed once and repeated
+        ``n`` ways, or None (then ``generate`` prefills each of the n copies itself).
+
+        Same samples for the same seed; generation on the bundled task (16 prompts of
+        about 72 tokens, G = 8, 48 new tokens, one CPU thread) took 0.75-1.06 s against
+        1.26-1.76 s when ``generate`` repeated the prompts.
+        """
+        if n == 1 or ids.shape[1] < 2:
+            return None
+        # The positions generate derives from a left-padded mask.
+        positions = (attn.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(
+            input_ids=ids[:, :-1],
+            attention_mask=attn[:, :-1],
+            position_ids=positions[:, :-1],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def sync(self, weights: dict[str, torch.Tensor]) -> None:
         """Load ``weights`` into the copy; nothing to do when generating on the policy."""

@@ -465,3 +465,39 @@ def test_trl_trainer_shared_prefix_gives_trl_logprobs_loss_and_gradients(tmp_pat
     assert torch.all(results[True][0][~mask] == 0)
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
     _assert_grads_close(results[True][2], results[False][2])
+
+
+def test_hf_generation_prefills_each_prompt_once():
+    """HFGenerator computes each prompt's cache once and repeats it G ways: the first
+    forward sees P prompts, not P * G, and the samples equal generate's own expansion."""
+    from transformers import AutoTokenizer
+
+    from krpo_fast.rollout import HFGenerator, preserved_rng
+
+    path = bundled_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = [tokenizer.encode(f"Q:{a}+{a + 5}=\nA:") for a in (3, 17, 42)]
+    prompts[1] = prompts[1][2:]  # different lengths: left padding
+    generator = HFGenerator(model, tokenizer)
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: shapes.append(tuple(args[0].shape))
+    )
+    got = generator.generate(prompts, 4, 0.7, 1.0, 12, seed=5)
+    hook.remove()
+    width = max(map(len, prompts))
+    assert shapes[0] == (3, width - 1) and shapes[1] == (12, 1)
+
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    with torch.no_grad(), preserved_rng():
+        torch.manual_seed(5)
+        out = model.generate(
+            input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=12,
+            num_return_sequences=4, do_sample=True, temperature=0.7, top_p=1.0, top_k=0,
+            pad_token_id=generator.pad_id, eos_token_id=generator.eos_id,
+        )  # fmt: skip
+    want = []
+    for row in out[:, width:].tolist():
+        want.append(row[: row.index(generator.eos_id) + 1] if generator.eos_id in row else row)
+    assert got == want
