@@ -160,28 +160,60 @@ def _scale_grad(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------- selective log-softmax
 
 
+def _centred_rows(block: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 ``block / temperature`` centred on each row's max, the max [rows]): the
+    only [rows, V] temporary. Centred as the kernel, logp = (x_y - M) - log S (see its
+    docstring for why)."""
+    if block.dtype == torch.float32 and temperature == 1.0:
+        row_max = block.amax(dim=-1, keepdim=True)
+        return block - row_max, row_max.squeeze(1)
+    # A new float32 tensor either way (never the caller's logits), then in place.
+    x = block / temperature if block.dtype == torch.float32 else block.float()
+    if x.dtype != block.dtype and temperature != 1.0:
+        x.div_(temperature)
+    row_max = x.amax(dim=-1, keepdim=True)
+    return x.sub_(row_max), row_max.squeeze(1)
+
+
 def _sls_forward_torch(
     x3: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x3.shape[0] * x3.shape[1]
     logp = torch.empty(n, dtype=torch.float32, device=x3.device)
+    # (row max, log sum exp of the centred row); the backward only needs their sum.
     stats = torch.empty(2, n, dtype=torch.float32, device=x3.device)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
     for r0, block, _ in _row_blocks(x3):
         r1 = r0 + block.shape[0]
-        # Centred on the row max, as the kernel (see its docstring for why).
-        x = block.float() / temperature
-        row_max = x.amax(dim=-1, keepdim=True)
-        centred = x.sub_(row_max)
-        e = centred.exp()
+        centred, row_max = _centred_rows(block, temperature)
+        picked = centred.gather(1, ids[r0:r1, None]).squeeze(1)
+        e = centred.exp() if with_entropy else centred.exp_()
         s = e.sum(-1)
         log_s = s.log()
-        stats[0, r0:r1] = row_max.squeeze(1)
+        stats[0, r0:r1] = row_max
         stats[1, r0:r1] = log_s
-        logp[r0:r1] = centred.gather(1, ids[r0:r1, None]).squeeze(1) - log_s
+        logp[r0:r1] = picked - log_s
         if with_entropy:
             entropy[r0:r1] = log_s - torch.where(e > 0, e * centred, 0.0).sum(-1) / s
     return logp, stats, entropy
+
+
+def _softmax_times(
+    block: torch.Tensor,
+    row_max: torch.Tensor,
+    scale: torch.Tensor,
+    temperature: float,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """exp(block / temperature - row_max) * scale (row columns) in float32, in three
+    passes, written into ``out`` when that is a float32 block (it may be ``block``).
+    Callers fold 1 / S into ``scale``: the exponent stays centred, as in the forward."""
+    target = {} if out is None or out.dtype != torch.float32 else {"out": out}
+    if temperature == 1.0:
+        dz = torch.sub(block, row_max, **target)
+    else:
+        dz = torch.add(-row_max, block, alpha=1.0 / temperature, **target)
+    return dz.float().exp_().mul_(scale)
 
 
 def _sls_backward_torch(
@@ -196,14 +228,21 @@ def _sls_backward_torch(
 ) -> None:
     for r0, block, grad_block in _row_blocks(x3, grad3):
         r1 = r0 + block.shape[0]
-        log_p = block.float() / temperature - stats[0, r0:r1, None] - stats[1, r0:r1, None]
-        p = log_p.exp()
+        row_max, log_s = stats[0, r0:r1, None], stats[1, r0:r1, None]
         g = g_logp[r0:r1, None] / temperature
+        if g_entropy is None:
+            # dz = (onehot - p) g / T, written straight into the gradient when float32.
+            dz = _softmax_times(block, row_max, -g * torch.exp(-log_s), temperature, grad_block)
+            dz.scatter_add_(1, ids[r0:r1, None], g)
+            if dz.data_ptr() != grad_block.data_ptr():
+                grad_block.copy_(dz)
+            continue
+        log_p = block.float() / temperature - row_max - log_s
+        p = log_p.exp()
         dz = -p * g
         dz.scatter_add_(1, ids[r0:r1, None], g)
-        if g_entropy is not None:
-            h = g_entropy[r0:r1, None] / temperature
-            dz -= torch.where(p > 0, h * p * (log_p + entropy[r0:r1, None]), 0.0)
+        h = g_entropy[r0:r1, None] / temperature
+        dz -= torch.where(p > 0, h * p * (log_p + entropy[r0:r1, None]), 0.0)
         grad_block.copy_(dz)
 
 
@@ -335,10 +374,10 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
     tok = slice(row_start, r1)
     seq = torch.arange(row_start, r1, device=x2.device) // setup.seq_len
     ids = setup.ids[tok, None]
-    x = x2.float() / temperature
-    centred = x.sub_(x.amax(dim=-1, keepdim=True))  # as the kernel: (x_y - M) - S
-    log_s = centred.exp().sum(-1).log()
-    logp = centred.gather(1, ids).squeeze(1) - log_s
+    centred, row_max = _centred_rows(x2, temperature)
+    picked = centred.gather(1, ids).squeeze(1)
+    total = centred.exp_().sum(-1)  # as the kernel: logp = (x_y - M) - log S
+    logp = picked - total.log()
     adv = setup.advantages[seq]
     m = setup.mask[tok]
     w = m * setup.seq_weight[seq]
@@ -359,14 +398,16 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
     setup.clip_rows[tok] = 0.0 if clipped is None else torch.where(active & clipped, m, 0.0)
     if grad2 is not None:
         g = (torch.where(active, w * dlogp, 0.0) / temperature).float()[:, None]
-        dz = centred.sub_(log_s[:, None]).exp_().mul_(-g)
+        # dz = (onehot - p) g, straight into the gradient when it is float32.
+        dz = _softmax_times(x2, row_max[:, None], -g / total[:, None], temperature, grad2)
         dz.scatter_add_(1, ids, g)
         # Rows of masked-out tokens may hold -inf or NaN logits: their gradient is 0,
         # not 0 * NaN (the CPU path, so finding them costs no device sync).
         masked_out = (~active).nonzero().squeeze(1)
         if masked_out.numel():
             dz.index_fill_(0, masked_out, 0.0)
-        grad2.copy_(dz)
+        if dz.data_ptr() != grad2.data_ptr():
+            grad2.copy_(dz)
 
 
 def _loss_rows(x3, grad3, row_start, setup, temperature, eps_low, eps_high, beta):

@@ -496,3 +496,18 @@ def test_every_integer_dtype_of_token_ids_is_accepted_or_rejected(path, dtype):
     assert torch.equal(loss, expected)
     logp = logits_ops.selective_log_softmax(logits, ids.to(dtype))
     assert torch.equal(logp, logits_ops.selective_log_softmax(logits, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logits_are_left_untouched_without_inplace_backward(path, dtype, temperature):
+    logits, ids, old, ref, mask, rewards = make_batch(2, 3, 40, seed=15, dtype=dtype)
+    before = logits.clone()
+    leaf = logits.requires_grad_()
+    loss, _ = krpo_loss_from_logits(
+        leaf, ids, old, ref, rewards, mask, group_size=2, temperature=temperature
+    )
+    loss.backward()
+    logp = logits_ops.selective_log_softmax(leaf, ids, temperature=temperature)
+    logp.sum().backward()
+    assert torch.equal(leaf.detach(), before)

@@ -6,7 +6,7 @@ from helpers import BACKENDS, assert_close_scaled, on_backend, poisoned_allocati
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from krpo_fast import group_advantages, krpo_loss, policy_loss
+from krpo_fast import group_advantages, krpo_loss, ops, policy_loss
 from krpo_fast.ops import ADVANTAGE_MODES, LOSS_AGGREGATIONS
 from krpo_fast.reference import group_advantages_reference, policy_loss_reference
 
@@ -290,3 +290,48 @@ def test_krpo_loss_equals_policy_loss_of_group_advantages():
     split, _ = policy_loss(logp, old, ref, adv, mask)
     assert torch.allclose(fused, split, rtol=1e-6)
     assert torch.allclose(fused_metrics["advantages"], adv, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "dtype, with_old, beta, loss_agg",
+    [
+        (torch.float32, True, 0.04, "seq-mean-token-mean"),
+        (torch.float32, False, 0.0, "token-mean"),
+        (torch.bfloat16, True, 0.5, "seq-mean-token-sum-norm"),
+    ],
+)
+def test_compiled_cpu_path_matches_oracle(monkeypatch, dtype, with_old, beta, loss_agg):
+    """Large CPU batches run the torch path through torch.compile: same oracle, same bounds."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(ops, "COMPILE_MIN_TOKENS", 0)
+    compiled = []
+    real = ops._loss_rows_compiled
+    monkeypatch.setattr(ops, "_loss_rows_compiled", lambda: compiled.append(1) or real())
+    gen = torch.Generator().manual_seed(15)
+    logp, old, ref, mask = make_batch(5, 33, dtype, gen, zero_rows=1)
+    old = old if with_old else None
+    adv = torch.randn(5, generator=gen) * 3
+    kwargs = dict(beta=beta, loss_agg=loss_agg, max_len=40)
+    actual = run_fused(policy_loss, logp, old, ref, adv, mask, **kwargs)
+    assert compiled, "the compiled path did not run"
+    compare(
+        actual, oracle_loss_and_grad(logp, old, ref, adv, mask, **kwargs), TOLERANCE[dtype], adv
+    )
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(ops, "COMPILE_MIN_TOKENS", 0)
+    monkeypatch.setattr(ops, "_compiled_loss_rows", None)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(ops, "_loss_rows_compiled", lambda: broken)
+    gen = torch.Generator().manual_seed(16)
+    logp, old, ref, mask = make_batch(4, 9, torch.float32, gen)
+    adv = torch.randn(4, generator=gen)
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        actual = run_fused(policy_loss, logp, old, ref, adv, mask)
+    compare(actual, oracle_loss_and_grad(logp, old, ref, adv, mask), 1e-5)
+    assert ops._compiled_loss_rows is False  # not tried again
