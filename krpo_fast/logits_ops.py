@@ -160,10 +160,18 @@ def _scale_grad(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------- selective log-softmax
 
 
-def _centred_rows(block: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _centred_rows(
+    block: torch.Tensor, temperature: float, scratch: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 ``block / temperature`` centred on each row's max, the max [rows]): the
-    only [rows, V] temporary. Centred as the kernel, logp = (x_y - M) - log S (see its
-    docstring for why)."""
+    only [rows, V] temporary, none when ``scratch`` says a float32 ``block`` may be
+    overwritten. Centred as the kernel, logp = (x_y - M) - log S (see its docstring for
+    why)."""
+    if scratch and block.dtype == torch.float32:
+        if temperature != 1.0:
+            block.div_(temperature)
+        row_max = block.amax(dim=-1, keepdim=True)
+        return block.sub_(row_max), row_max.squeeze(1)
     if block.dtype == torch.float32 and temperature == 1.0:
         row_max = block.amax(dim=-1, keepdim=True)
         return block - row_max, row_max.squeeze(1)
@@ -368,13 +376,15 @@ class _LossSetup:
         return self.loss_rows.sum(), self.kl_rows.sum() / total, self.clip_rows.sum() / total
 
 
-def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high, beta):
-    """Torch twin of the fused kernel on a [rows, V] block (tokens row_start...)."""
+def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high, beta, scratch):
+    """Torch twin of the fused kernel on a [rows, V] block (tokens row_start...);
+    ``scratch``: the block may be overwritten (the gradient goes there, or nowhere)."""
     r1 = row_start + x2.shape[0]
     tok = slice(row_start, r1)
     seq = torch.arange(row_start, r1, device=x2.device) // setup.seq_len
     ids = setup.ids[tok, None]
-    centred, row_max = _centred_rows(x2, temperature)
+    in_place = scratch and x2.dtype == torch.float32
+    centred, row_max = _centred_rows(x2, temperature, in_place)
     picked = centred.gather(1, ids).squeeze(1)
     total = centred.exp_().sum(-1)  # as the kernel: logp = (x_y - M) - log S
     logp = picked - total.log()
@@ -398,8 +408,12 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
     setup.clip_rows[tok] = 0.0 if clipped is None else torch.where(active & clipped, m, 0.0)
     if grad2 is not None:
         g = (torch.where(active, w * dlogp, 0.0) / temperature).float()[:, None]
-        # dz = (onehot - p) g, straight into the gradient when it is float32.
-        dz = _softmax_times(x2, row_max[:, None], -g / total[:, None], temperature, grad2)
+        # dz = (onehot - p) g: the block already holds exp(x - M) when worked in place,
+        # else straight into the gradient when it is float32.
+        if in_place:
+            dz = centred.mul_(-g / total[:, None])
+        else:
+            dz = _softmax_times(x2, row_max[:, None], -g / total[:, None], temperature, grad2)
         dz.scatter_add_(1, ids, g)
         # Rows of masked-out tokens may hold -inf or NaN logits: their gradient is 0,
         # not 0 * NaN (the CPU path, so finding them costs no device sync).
@@ -410,8 +424,9 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
             grad2.copy_(dz)
 
 
-def _loss_rows(x3, grad3, row_start, setup, temperature, eps_low, eps_high, beta):
-    """Fused loss rows over a [B', T', V] view; dz into ``grad3`` (None: no gradient)."""
+def _loss_rows(x3, grad3, row_start, setup, temperature, eps_low, eps_high, beta, scratch=False):
+    """Fused loss rows over a [B', T', V] view; dz into ``grad3`` (None: no gradient).
+    ``scratch``: ``x3`` may be overwritten (it is ``grad3``, or a buffer of ours)."""
     if x3.shape[0] * x3.shape[1] == 0:
         return
     if use_triton(x3):
@@ -440,7 +455,7 @@ def _loss_rows(x3, grad3, row_start, setup, temperature, eps_low, eps_high, beta
         return
     for r0, block, grad_block in _row_blocks(x3, grad3):
         _loss_rows_torch(
-            block, grad_block, row_start + r0, setup, temperature, eps_low, eps_high, beta
+            block, grad_block, row_start + r0, setup, temperature, eps_low, eps_high, beta, scratch
         )
 
 
@@ -466,6 +481,7 @@ class _LossFromLogits(torch.autograd.Function):
             eps_low,
             eps_high,
             beta,
+            scratch=grad is logits,
         )
         loss, kl, clip_fraction = setup.metrics()
         ctx.grad = grad
@@ -661,7 +677,17 @@ class _LossFromHidden(torch.autograd.Function):
             h = h2[r0 : r0 + chunk_size]
             logits = h @ weight.T  # [chunk, V]: the only per-chunk buffer; dz overwrites it
             x3 = logits.unsqueeze(1)
-            _loss_rows(x3, x3 if need_dz else None, r0, setup, temperature, eps_low, eps_high, beta)
+            _loss_rows(
+                x3,
+                x3 if need_dz else None,
+                r0,
+                setup,
+                temperature,
+                eps_low,
+                eps_high,
+                beta,
+                scratch=True,
+            )
             if grad_hidden is not None:
                 torch.mm(logits, weight, out=grad_hidden[r0 : r0 + chunk_size])
             if grad_weight is not None:
