@@ -582,8 +582,6 @@ def start_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, loc
             clear_run(out)
         atomic_write_text(metrics_path, "")
     if state is not None:
-        restore_trainer_state(state, None, scheduler)
-        distributed.load_optimizer_state(policy, optimizer, state["optimizer"])
         progress = {k: state[k] for k in progress}
         if main_rank:
             for path, why in skipped:
@@ -605,11 +603,14 @@ def start_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, loc
         str(out / ".vllm_cache"),
         sharded,
     )
-    # Seed after the engine exists: vLLM reseeds the global RNGs when it starts.
+    # Seed (or restore the RNGs) after the engine exists: vLLM reseeds them when it starts.
     if state is None:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+    else:
+        restore_trainer_state(state, None, scheduler)
+        distributed.load_optimizer_state(policy, optimizer, state["optimizer"])
     return Run(
         cfg, rank, world, device, out, inputs, reward_fn, backend, policy, model, ref,
         sharded, optimizer, scheduler, generator, progress,
