@@ -64,7 +64,14 @@ class TrainConfig:
     group_size: int = _f(8, "completions per prompt (G)")
     epochs_per_step: int = _f(1, "optimisation epochs per batch (mu); > 1 uses old log-probs")
     micro_batch_size: int = _f(
-        4, "sequences per packed forward/backward (SDPA packing cost grows with its square)"
+        8,
+        "sequences per packed forward/backward; a multiple of group_size keeps every group "
+        "whole, so with --shared_prefix its prompt is forwarded once",
+    )
+    shared_prefix: bool = _f(
+        True,
+        "forward each group's prompt once and attend its G completions to it (exact: the "
+        "same log-probs and gradients as one forward per sequence; docs/shared_prefix.md)",
     )
     gradient_accumulation_steps: int = _f(
         0, "micro-batches per optimizer step; 0: the whole batch (one step per epoch)"

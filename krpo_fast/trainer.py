@@ -755,7 +755,12 @@ def _train(run: Run, started: float) -> dict[str, Any]:
         t1 = time.perf_counter()
         seq_prompts = [p for p in prompt_ids for _ in range(G)]
         packed = [
-            pack([seq_prompts[i] for i in c], [completion_ids[i] for i in c], device)
+            pack(
+                [seq_prompts[i] for i in c],
+                [completion_ids[i] for i in c],
+                device,
+                shared_prefix=cfg.shared_prefix,
+            )
             for c in chunks
         ]
         adv = [advantages[c.start : c.stop] for c in chunks]
@@ -804,7 +809,7 @@ def _train(run: Run, started: float) -> dict[str, Any]:
             advantages=advantages,
             correct=correct,
             completion_ids=completion_ids,
-            train_tokens=cfg.epochs_per_step * sum(p.n_tokens for p in packed),
+            train_tokens=cfg.epochs_per_step * sum(p.sequence_tokens for p in packed),
             stats=stats,
             norms=norms,
             spreads=spreads if spread is not None else None,
