@@ -511,3 +511,24 @@ def test_logits_are_left_untouched_without_inplace_backward(path, dtype, tempera
     logp = logits_ops.selective_log_softmax(leaf, ids, temperature=temperature)
     logp.sum().backward()
     assert torch.equal(leaf.detach(), before)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_on_policy_matches_oracle(path, beta):
+    """old_logp None (ratio 1) and beta 0 (ref never read), from logits and from hidden."""
+    gen = torch.Generator().manual_seed(17)
+    _, ids, _, ref, mask, _ = make_batch(3, 4, 30, seed=17)
+    hidden, weight = torch.randn(3, 4, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    logits = hidden @ weight.T
+    advantages = torch.tensor([1.5, -0.5, 0.25])
+    ref = ref if beta else None
+    expected = oracle(logits, ids, None, ref, advantages, mask, beta=beta)
+    loss, metrics, grad = fused(logits, ids, None, ref, advantages, mask, beta=beta)
+    torch.testing.assert_close(loss.double(), expected[0], rtol=1e-5, atol=1e-6)
+    assert_grad_close(grad, expected[2], 1e-4)
+    assert metrics["clip_fraction"].item() == 0.0
+    h = hidden.clone().requires_grad_()
+    loss, _ = policy_loss_from_hidden(h, weight, ids, None, ref, advantages, mask, beta=beta)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), expected[0], rtol=1e-5, atol=1e-6)
+    assert_grad_close(h.grad, (expected[2] @ weight.double()), 1e-4)
