@@ -7,10 +7,12 @@ nothing fails deep inside a kernel or silently returns garbage.
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-from krpo_fast.defaults import LOSS_AGGREGATIONS
+from krpo_fast import defaults as d
+from krpo_fast.defaults import KL_ESTIMATORS, LOSS_AGGREGATIONS, LOSS_TYPES, RATIO_LEVELS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Token ids and offsets: every signed integer dtype and uint8 (torch's wider unsigned
@@ -153,3 +155,111 @@ def check_advantages(advantages: object, ref_name: str, ref: torch.Tensor) -> to
         )
     check_same_device("advantages", advantages, ref_name, ref)
     return advantages.detach().contiguous()
+
+
+class LossFamily(NamedTuple):
+    """The validated options of the loss family (docs/loss_family.md); hashable, so it
+    can key caches and kernel variants. ``delta`` / ``dual_clip`` None mean off."""
+
+    ratio_level: str = d.RATIO_LEVEL
+    loss_type: str = d.LOSS_TYPE
+    tau_pos: float = d.TAU_POS
+    tau_neg: float = d.TAU_NEG
+    delta: float | None = None
+    dual_clip: float | None = None
+    kl_estimator: str = d.KL_ESTIMATOR
+    bias_correction_kl: bool = False
+
+    @property
+    def is_paper_loss(self) -> bool:
+        """True for the paper's loss: the defaults' fast paths apply (tau is unused)."""
+        return (
+            self.ratio_level == "token"
+            and self.loss_type == "clip"
+            and self.delta is None
+            and self.dual_clip is None
+            and self.kl_estimator == "k3"
+            and not self.bias_correction_kl
+        )
+
+
+def check_loss_family(
+    *,
+    eps_high: float,
+    ratio_level: object,
+    loss_type: object,
+    tau_pos: object,
+    tau_neg: object,
+    delta: object,
+    dual_clip: object,
+    kl_estimator: object,
+    bias_correction_kl: object,
+) -> LossFamily:
+    """Check the loss-family keywords (``eps_high`` already checked); return them."""
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if not isinstance(bias_correction_kl, bool):
+        raise TypeError(
+            f"bias_correction_kl must be a bool, got {type(bias_correction_kl).__name__}"
+        )
+    tau_pos = check_positive("tau_pos", tau_pos)
+    tau_neg = check_positive("tau_neg", tau_neg)
+    if loss_type != "clip" and (delta is not None or dual_clip is not None):
+        raise ValueError(
+            f"delta and dual_clip bound the clip surrogate, not loss_type={loss_type!r}: "
+            "pass delta=None and dual_clip=None"
+        )
+    if delta is not None:
+        delta = check_finite_number("delta", delta)
+        if not delta > 1.0 + eps_high:
+            raise ValueError(
+                f"delta must be > 1 + eps_high = {1.0 + eps_high} (it caps the unclipped "
+                f"ratio above the clip range), got {delta}"
+            )
+    if dual_clip is not None:
+        dual_clip = check_finite_number("dual_clip", dual_clip)
+        if not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1 (verl's clip_ratio_c), got {dual_clip}")
+    if loss_type == "cispo" and not eps_high > 0:
+        raise ValueError(
+            f"eps_high is the ratio cap of loss_type='cispo' (e.g. 5.0) and must be > 0, "
+            f"got {eps_high}"
+        )
+    return LossFamily(
+        ratio_level,
+        loss_type,
+        tau_pos,
+        tau_neg,
+        delta,
+        dual_clip,
+        kl_estimator,
+        bias_correction_kl,
+    )
+
+
+def check_token_weights(
+    token_weights: object, ref_name: str, ref: torch.Tensor
+) -> torch.Tensor | None:
+    """Constant multipliers of the policy term: None, [B] (one per row) or [B, T] like
+    ``ref``; float, on ``ref``'s device, finite (one device sync). Returned detached."""
+    if token_weights is None:
+        return None
+    weights = check_tensor("token_weights", token_weights, ndim=(1, 2), dtypes=FLOAT_DTYPES)
+    want = tuple(ref.shape[: weights.dim()])
+    if tuple(weights.shape) != want:
+        raise ValueError(
+            f"token_weights must have shape {tuple(ref.shape[:1])} (one per sequence) or "
+            f"{tuple(ref.shape)} (one per token, like {ref_name}), got {tuple(weights.shape)}"
+        )
+    check_same_device("token_weights", weights, ref_name, ref)
+    weights = weights.detach()
+    check_all_finite("token_weights", weights)
+    return weights
+
+
+def check_entropy_coef(entropy_coef: object) -> float:
+    return check_finite_number("entropy_coef", entropy_coef)

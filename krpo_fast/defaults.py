@@ -30,3 +30,16 @@ BETA = 0.01
 TEMPERATURE = 1.0
 # Tokens per chunk of the LM-head ops (about chunk_size * V logits at a time).
 CHUNK_SIZE = 1024
+
+# The loss family beyond the paper's loss (docs/loss_family.md); these defaults are the
+# paper's loss.
+RATIO_LEVELS = ("token", "sequence")
+LOSS_TYPES = ("clip", "cispo", "sapo")
+KL_ESTIMATORS = ("k3", "k1", "k2", "low_var_kl")
+RATIO_LEVEL = "token"
+LOSS_TYPE = "clip"
+# SAPO's gate temperatures for positive and for other advantages.
+TAU_POS = 1.0
+TAU_NEG = 1.05
+KL_ESTIMATOR = "k3"
+ENTROPY_COEF = 0.0

@@ -27,17 +27,25 @@ from krpo_fast._validation import (
     FLOAT_DTYPES,
     INT_DTYPES,
     check_advantages,
+    check_entropy_coef,
     check_loss_args,
+    check_loss_family,
     check_positive,
     check_same_device,
     check_tensor,
+    check_token_weights,
 )
 from krpo_fast.kernels.logits_loss import logits_loss_fwd
 from krpo_fast.kernels.selective_log_softmax import (
     selective_log_softmax_bwd,
     selective_log_softmax_fwd,
 )
-from krpo_fast.ops import group_advantages, token_terms_torch
+from krpo_fast.ops import (
+    _aggregation_weights,
+    _family_loss_rows_torch,
+    group_advantages,
+    token_terms_torch,
+)
 
 __all__ = [
     "krpo_loss_from_hidden",
@@ -459,6 +467,223 @@ def _loss_rows(x3, grad3, row_start, setup, temperature, eps_low, eps_high, beta
         )
 
 
+# ------------------------------------------------------------- the loss family, composed
+#
+# Sequence-level ratios need every token's log-prob of a row before any token's
+# gradient: one pass over the logits for the log-probs (and entropies), the family loss
+# on the [B, T] log-probs (``krpo_fast.ops``), one pass writing dz. The logits are read
+# twice and their gradient written once, as by the fused kernel.
+
+
+class _FamilySetup:
+    """Validated inputs of a family loss composed from log-probs."""
+
+    def __init__(
+        self,
+        token_ids,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        token_weights,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        family,
+        entropy_coef,
+        with_entropy,
+    ):
+        self.shape = tuple(token_ids.shape)
+        self.ids = token_ids.reshape(-1).contiguous()
+        self.old = None if old_logp is None else old_logp.detach()
+        self.ref = None if beta == 0.0 else ref_logp.detach()
+        self.advantages = advantages
+        self.mask = mask if mask.dtype == torch.bool else mask != 0
+        self.token_weights = token_weights
+        self.eps_low, self.eps_high, self.beta = float(eps_low), float(eps_high), float(beta)
+        self.loss_agg, self.max_len, self.family = loss_agg, max_len, family
+        self.entropy_coef = float(entropy_coef)
+        self.with_entropy = with_entropy or entropy_coef != 0.0
+        n = self.ids.numel()
+        device = token_ids.device
+        self.logp = torch.empty(n, dtype=torch.float32, device=device)
+        self.stats = torch.empty(2, n, dtype=torch.float32, device=device)
+        self.entropy = torch.empty(n if self.with_entropy else 0, device=device)
+
+    def log_probs(self, x3: torch.Tensor, row_start: int, temperature: float) -> None:
+        """Log-probs, softmax statistics (and entropies) of a [B', T', V] view's rows."""
+        n = x3.shape[0] * x3.shape[1]
+        if n == 0:
+            return
+        rows = slice(row_start, row_start + n)
+        ids = self.ids[rows]
+        if use_triton(x3):
+            stats = self.stats[:, rows]
+            selective_log_softmax_fwd(
+                x3,
+                ids,
+                self.logp[rows],
+                stats[0],
+                stats[1],
+                self.entropy[rows] if self.with_entropy else self.logp,
+                temperature,
+                self.with_entropy,
+            )
+            return
+        logp, stats, entropy = _sls_forward_torch(x3, ids, temperature, self.with_entropy)
+        self.logp[rows], self.stats[:, rows] = logp, stats
+        if self.with_entropy:
+            self.entropy[rows] = entropy
+
+    def loss(self, need_grad: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and metrics from the log-probs; keeps d loss / d logp (and d loss /
+        d entropy) per token for :meth:`write_grad`."""
+        B, T = self.shape
+        grad, loss, metrics = _family_loss_rows_torch(
+            self.logp.view(B, T),
+            self.old,
+            self.ref,
+            self.advantages,
+            self.mask,
+            self.token_weights,
+            self.eps_low,
+            self.eps_high,
+            self.beta,
+            self.family,
+            *_aggregation_weights(self.loss_agg, B, self.max_len),
+            self.loss_agg == "token-mean",
+            need_grad,
+        )
+        self.g_logp = None if grad is None else grad.reshape(-1).float().contiguous()
+        self.g_entropy = None
+        if self.with_entropy:
+            on = self.mask.reshape(-1)
+            total = on.sum().clamp(min=1)
+            entropy_mean = torch.where(on, self.entropy, 0.0).sum() / total
+            metrics["entropy"] = entropy_mean
+            if self.entropy_coef != 0.0:
+                loss = loss - self.entropy_coef * entropy_mean
+                self.g_entropy = (on * (-self.entropy_coef / total)).float().contiguous()
+        self.metric_names = tuple(metrics)
+        return loss.float(), {name: value.float() for name, value in metrics.items()}
+
+    def write_grad(
+        self, x3: torch.Tensor, grad3: torch.Tensor, row_start: int, temperature: float
+    ) -> None:
+        """dz of a [B', T', V] view's rows into ``grad3`` (which may be ``x3``)."""
+        n = x3.shape[0] * x3.shape[1]
+        if n == 0:
+            return
+        rows = slice(row_start, row_start + n)
+        ids, stats = self.ids[rows], self.stats[:, rows]
+        entropy = self.entropy[rows] if self.with_entropy else self.logp
+        g_entropy = None if self.g_entropy is None else self.g_entropy[rows]
+        if use_triton(x3):
+            selective_log_softmax_bwd(
+                x3,
+                grad3,
+                ids,
+                stats[0],
+                stats[1],
+                entropy,
+                self.g_logp[rows],
+                g_entropy,
+                temperature,
+            )
+        else:
+            _sls_backward_torch(
+                x3, grad3, ids, stats, entropy, self.g_logp[rows], g_entropy, temperature
+            )
+        # Masked-out rows may hold NaN or inf logits: their gradient is 0, not 0 * NaN.
+        masked_out = (~self.mask.reshape(-1)[rows]).nonzero().squeeze(1)
+        if masked_out.numel():
+            flat = grad3.reshape(n, grad3.shape[-1]) if grad3.is_contiguous() else None
+            if flat is not None:
+                flat.index_fill_(0, masked_out, 0.0)
+            else:
+                t_view = grad3.shape[1]
+                for r in masked_out.tolist():
+                    grad3[r // t_view, r % t_view].zero_()
+
+
+class _FamilyLossFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, setup, temperature, need_grad, inplace):
+        x3 = _rows3d(logits)
+        setup.log_probs(x3, 0, temperature)
+        loss, metrics = setup.loss(need_grad)
+        grad = None
+        if need_grad:
+            if inplace and x3.data_ptr() == logits.data_ptr():
+                grad = logits
+            else:
+                grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            setup.write_grad(x3, _rows3d(grad), 0, temperature)
+        ctx.grad = grad
+        values = tuple(metrics.values())
+        ctx.mark_non_differentiable(*values)
+        return (loss, *values)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_metrics):
+        grad, ctx.grad = ctx.grad, None
+        return _scale_grad(grad, grad_output), None, None, None, None
+
+
+class _FamilyLossFromHidden(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, setup, temperature, chunk_size, grad_hidden_needed, grad_weight_needed
+    ):
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        n = h2.shape[0]
+        for r0 in range(0, n, chunk_size):
+            logits = h2[r0 : r0 + chunk_size] @ weight.T
+            setup.log_probs(logits.unsqueeze(1), r0, temperature)
+            del logits
+        need_dz = grad_hidden_needed or grad_weight_needed
+        loss, metrics = setup.loss(need_dz)
+        grad_hidden = torch.empty_like(h2) if grad_hidden_needed else None
+        grad_weight = torch.zeros_like(weight) if grad_weight_needed else None
+        if need_dz:
+            on = setup.mask.reshape(-1)
+            # The logits are recomputed per chunk: only one chunk of them ever exists.
+            for r0 in range(0, n, chunk_size):
+                h = h2[r0 : r0 + chunk_size]
+                logits = h @ weight.T
+                x3 = logits.unsqueeze(1)
+                setup.write_grad(x3, x3, r0, temperature)
+                if grad_hidden is not None:
+                    torch.mm(logits, weight, out=grad_hidden[r0 : r0 + chunk_size])
+                if grad_weight is not None:
+                    active = on[r0 : r0 + chunk_size, None]
+                    grad_weight.addmm_(logits.T, torch.where(active, h, 0.0))
+                del logits, x3
+        ctx.grads = (
+            None if grad_hidden is None else grad_hidden.view(hidden.shape),
+            grad_weight,
+        )
+        values = tuple(metrics.values())
+        ctx.mark_non_differentiable(*values)
+        return (loss, *values)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_metrics):
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, (None, None)
+        return (
+            _scale_grad(grad_hidden, grad_output),
+            _scale_grad(grad_weight, grad_output),
+            *([None] * 5),
+        )
+
+
+def _metric_dict(setup: _FamilySetup, outputs: tuple[torch.Tensor, ...]) -> dict:
+    """Metric names in the order ``_FamilySetup.loss`` returned them."""
+    return dict(zip(setup.metric_names, outputs, strict=True))
+
+
 # ----------------------------------------------------------------------------- loss from logits
 
 
@@ -507,7 +732,18 @@ def policy_loss_from_logits(
     beta: float = d.BETA,
     loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
+    ratio_level: str = d.RATIO_LEVEL,
+    loss_type: str = d.LOSS_TYPE,
+    tau_pos: float = d.TAU_POS,
+    tau_neg: float = d.TAU_NEG,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    kl_estimator: str = d.KL_ESTIMATOR,
+    bias_correction_kl: bool = False,
+    token_weights: torch.Tensor | None = None,
+    entropy_coef: float = d.ENTROPY_COEF,
     temperature: float = d.TEMPERATURE,
+    return_entropy: bool = False,
     inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped-surrogate + k3-KL loss of ``policy_loss`` computed from logits.
@@ -544,10 +780,38 @@ def policy_loss_from_logits(
         max_len,
         advantages,
     )
+    family_setup = _family_setup(
+        token_ids,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        ratio_level,
+        loss_type,
+        tau_pos,
+        tau_neg,
+        delta,
+        dual_clip,
+        kl_estimator,
+        bias_correction_kl,
+        token_weights,
+        entropy_coef,
+        return_entropy,
+    )
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    if family_setup is not None:
+        outputs = _FamilyLossFromLogits.apply(
+            logits, family_setup, float(temperature), need_grad, inplace_backward
+        )
+        return outputs[0], _metric_dict(family_setup, outputs[1:])
     setup = _LossSetup(
         _as_index(token_ids), old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len
     )
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, kl, clip_fraction = _LossFromLogits.apply(
         logits,
         setup,
@@ -559,6 +823,73 @@ def policy_loss_from_logits(
         inplace_backward,
     )
     return loss, {"kl": kl, "clip_fraction": clip_fraction}
+
+
+def _family_setup(
+    token_ids,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    eps_low,
+    eps_high,
+    beta,
+    loss_agg,
+    max_len,
+    ratio_level,
+    loss_type,
+    tau_pos,
+    tau_neg,
+    delta,
+    dual_clip,
+    kl_estimator,
+    bias_correction_kl,
+    token_weights,
+    entropy_coef,
+    return_entropy,
+) -> _FamilySetup | None:
+    """Check the loss-family options (the other arguments are checked already); None
+    for the paper's loss without entropy, which the fused kernel computes."""
+    family = check_loss_family(
+        eps_high=eps_high,
+        ratio_level=ratio_level,
+        loss_type=loss_type,
+        tau_pos=tau_pos,
+        tau_neg=tau_neg,
+        delta=delta,
+        dual_clip=dual_clip,
+        kl_estimator=kl_estimator,
+        bias_correction_kl=bias_correction_kl,
+    )
+    token_weights = check_token_weights(token_weights, "token_ids", token_ids)
+    entropy_coef = check_entropy_coef(entropy_coef)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    if (
+        family.is_paper_loss
+        and token_weights is None
+        and entropy_coef == 0.0
+        and not return_entropy
+    ):
+        return None
+    if beta == 0.0:
+        ref_logp = None
+    return _FamilySetup(
+        _as_index(token_ids),
+        old_logp,
+        ref_logp,
+        check_advantages(advantages, "token_ids", token_ids),
+        mask,
+        token_weights,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        family,
+        entropy_coef,
+        return_entropy,
+    )
 
 
 def _check_logits_and_ids_for_loss(
@@ -610,7 +941,18 @@ def krpo_loss_from_logits(
     beta: float = d.BETA,
     loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
+    ratio_level: str = d.RATIO_LEVEL,
+    loss_type: str = d.LOSS_TYPE,
+    tau_pos: float = d.TAU_POS,
+    tau_neg: float = d.TAU_NEG,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    kl_estimator: str = d.KL_ESTIMATOR,
+    bias_correction_kl: bool = False,
+    token_weights: torch.Tensor | None = None,
+    entropy_coef: float = d.ENTROPY_COEF,
     temperature: float = d.TEMPERATURE,
+    return_entropy: bool = False,
     inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``krpo_loss`` starting from logits: group advantages from ``rewards``
@@ -642,7 +984,18 @@ def krpo_loss_from_logits(
         beta=beta,
         loss_agg=loss_agg,
         max_len=max_len,
+        ratio_level=ratio_level,
+        loss_type=loss_type,
+        tau_pos=tau_pos,
+        tau_neg=tau_neg,
+        delta=delta,
+        dual_clip=dual_clip,
+        kl_estimator=kl_estimator,
+        bias_correction_kl=bias_correction_kl,
+        token_weights=token_weights,
+        entropy_coef=entropy_coef,
         temperature=temperature,
+        return_entropy=return_entropy,
         inplace_backward=inplace_backward,
     )
     metrics["advantages"] = advantages
@@ -728,8 +1081,19 @@ def policy_loss_from_hidden(
     beta: float = d.BETA,
     loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
+    ratio_level: str = d.RATIO_LEVEL,
+    loss_type: str = d.LOSS_TYPE,
+    tau_pos: float = d.TAU_POS,
+    tau_neg: float = d.TAU_NEG,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    kl_estimator: str = d.KL_ESTIMATOR,
+    bias_correction_kl: bool = False,
+    token_weights: torch.Tensor | None = None,
+    entropy_coef: float = d.ENTROPY_COEF,
     temperature: float = d.TEMPERATURE,
     chunk_size: int = d.CHUNK_SIZE,
+    return_entropy: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`policy_loss_from_logits` with ``logits = hidden @ lm_head_weight.T``,
     never holding more than ``chunk_size`` rows of logits.
@@ -783,10 +1147,44 @@ def policy_loss_from_hidden(
         max_len,
         advantages,
     )
+    family_setup = _family_setup(
+        token_ids,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        ratio_level,
+        loss_type,
+        tau_pos,
+        tau_neg,
+        delta,
+        dual_clip,
+        kl_estimator,
+        bias_correction_kl,
+        token_weights,
+        entropy_coef,
+        return_entropy,
+    )
+    grad_on = torch.is_grad_enabled()
+    if family_setup is not None:
+        outputs = _FamilyLossFromHidden.apply(
+            hidden,
+            lm_head_weight,
+            family_setup,
+            float(temperature),
+            chunk_size,
+            grad_on and hidden.requires_grad,
+            grad_on and lm_head_weight.requires_grad,
+        )
+        return outputs[0], _metric_dict(family_setup, outputs[1:])
     setup = _LossSetup(
         _as_index(token_ids), old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len
     )
-    grad_on = torch.is_grad_enabled()
     loss, kl, clip_fraction = _LossFromHidden.apply(
         hidden,
         lm_head_weight,
@@ -824,8 +1222,19 @@ def krpo_loss_from_hidden(
     beta: float = d.BETA,
     loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
+    ratio_level: str = d.RATIO_LEVEL,
+    loss_type: str = d.LOSS_TYPE,
+    tau_pos: float = d.TAU_POS,
+    tau_neg: float = d.TAU_NEG,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    kl_estimator: str = d.KL_ESTIMATOR,
+    bias_correction_kl: bool = False,
+    token_weights: torch.Tensor | None = None,
+    entropy_coef: float = d.ENTROPY_COEF,
     temperature: float = d.TEMPERATURE,
     chunk_size: int = d.CHUNK_SIZE,
+    return_entropy: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``krpo_loss`` from the last hidden states and the LM-head weight, chunked
     (:func:`policy_loss_from_hidden` after ``group_advantages``).
@@ -857,8 +1266,19 @@ def krpo_loss_from_hidden(
         beta=beta,
         loss_agg=loss_agg,
         max_len=max_len,
+        ratio_level=ratio_level,
+        loss_type=loss_type,
+        tau_pos=tau_pos,
+        tau_neg=tau_neg,
+        delta=delta,
+        dual_clip=dual_clip,
+        kl_estimator=kl_estimator,
+        bias_correction_kl=bias_correction_kl,
+        token_weights=token_weights,
+        entropy_coef=entropy_coef,
         temperature=temperature,
         chunk_size=chunk_size,
+        return_entropy=return_entropy,
     )
     metrics["advantages"] = advantages
     return loss, metrics

@@ -94,6 +94,31 @@ def _check_kalman_values(
     )
 
 
+def _check_family(
+    eps_high: float,
+    ratio_level: object,
+    loss_type: object,
+    tau_pos: object,
+    tau_neg: object,
+    delta: object,
+    dual_clip: object,
+    kl_estimator: object,
+    bias_correction_kl: object,
+) -> v.LossFamily:
+    """The validated loss-family options (``eps_high`` checked before)."""
+    return v.check_loss_family(
+        eps_high=eps_high,
+        ratio_level=ratio_level,
+        loss_type=loss_type,
+        tau_pos=tau_pos,
+        tau_neg=tau_neg,
+        delta=delta,
+        dual_clip=dual_clip,
+        kl_estimator=kl_estimator,
+        bias_correction_kl=bias_correction_kl,
+    )
+
+
 def _check_mode(name: str, mode: object) -> str:
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"{name} must be one of {ADVANTAGE_MODES}, got {mode!r}")
@@ -357,6 +382,9 @@ def _loss_rows_torch(
     return grad, loss, kl, clipped / total
 
 
+_PAPER_LOSS = v.LossFamily()
+
+
 # CPU batches of at least this many tokens run ``_loss_rows_torch`` through
 # torch.compile: Inductor fuses its ~30 elementwise passes and 4 reductions into one
 # C++ loop (3 to 4 times faster at 64 x 1024). The first call per dtype compiles (a
@@ -384,13 +412,20 @@ def _policy_loss_torch(
     beta: float,
     loss_agg: str,
     max_len: int | None,
+    family: v.LossFamily = _PAPER_LOSS,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss on validated CPU inputs (or float64 ones): float32 math, float64
-    when any input is float64 (e.g. for gradcheck)."""
+    when any input is float64 (e.g. for gradcheck). The paper's loss runs the fast path
+    below; the rest of the family runs ``_family_loss_rows_torch`` eagerly."""
     global _compiled_loss_rows
     inputs = [logp.detach(), old_logp, ref_logp, advantages, mask]
     if any(t is not None and t.dtype == torch.float64 for t in inputs[:4]):
         inputs[0] = inputs[0].double()
+    if token_weights is not None or not family.is_paper_loss:
+        return _family_loss_torch(
+            logp, inputs, token_weights, eps_low, eps_high, beta, family, loss_agg, max_len
+        )
     args = (
         eps_low,
         eps_high,
@@ -424,6 +459,192 @@ def _policy_loss_torch(
     if grad is not None:
         loss = _StoredGradLoss.apply(logp, grad.to(logp.dtype), loss)
     return loss, {"kl": kl.to(out_dtype), "clip_fraction": clip_fraction.to(out_dtype)}
+
+
+def policy_terms_torch(
+    ratio: torch.Tensor,
+    adv: torch.Tensor,
+    logp: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    family: v.LossFamily,
+) -> tuple[torch.Tensor, ...]:
+    """Per-token policy term of ``family.loss_type`` (the kernels' ``policy_token_terms``):
+    (term, its derivative in the log-ratio, its derivative in ``logp`` itself or None,
+    low-clipped, high-clipped, dual-clipped flags or None). ``ratio`` is the token or the
+    sequence ratio, ``adv`` broadcasts against it."""
+    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    no_flags = torch.zeros(ratio.shape, dtype=torch.bool, device=ratio.device)
+    direct = dual = None
+    if family.loss_type == "clip":
+        unclipped = ratio if family.delta is None else ratio.clamp(max=family.delta)
+        unclipped_adv = unclipped * adv
+        clipped_adv = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+        # The clip (or delta's cap) removes the gradient where it lowers the surrogate.
+        frozen = unclipped_adv > clipped_adv
+        if family.delta is not None:
+            frozen = frozen | (ratio > family.delta)
+        term = -torch.minimum(unclipped_adv, clipped_adv)
+        d_log_ratio = torch.where(frozen, zero, -ratio * adv)
+        low = (adv < 0) & (ratio < 1.0 - eps_low)
+        high = (adv > 0) & (ratio > 1.0 + eps_high)
+        if family.dual_clip is not None:
+            cap = -family.dual_clip * adv
+            dual = (adv < 0) & (term > cap)
+            term = torch.where(dual, cap, term)
+            d_log_ratio = torch.where(dual, zero, d_log_ratio)
+    elif family.loss_type == "cispo":
+        capped = ratio.clamp(max=eps_high)
+        direct = -capped * adv
+        term = direct * logp
+        d_log_ratio = torch.zeros_like(term)
+        low, high = no_flags, (adv > 0) & (ratio > eps_high)
+    else:
+        tau = torch.where(adv > 0, family.tau_pos, family.tau_neg).to(ratio.dtype)
+        gate = torch.sigmoid(tau * (ratio - 1.0))
+        term = -gate * (4.0 / tau) * adv
+        # d term / d ratio = -4 A gate (1 - gate), times ratio for the log-ratio.
+        d_log_ratio = -4.0 * adv * gate * (1.0 - gate) * ratio
+        low = high = no_flags
+    return term, d_log_ratio, direct, low, high, dual
+
+
+def kl_terms_torch(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL estimate, its derivative in ``logp``) per token (the kernels' ``kl_token_terms``),
+    d = ref - logp: k3 exp(d) - d - 1, k1 -d, k2 d^2 / 2, low_var_kl k3 of d clamped to
+    [-20, 20], clamped to 10."""
+    d = ref_logp - logp
+    if estimator == "k1":
+        return -d, torch.ones_like(d)
+    if estimator == "k2":
+        return 0.5 * d * d, -d
+    if estimator == "k3":
+        kl = _k3(d)
+        return kl, -(d + kl)  # 1 - exp(d) without cancellation near d = 0
+    clamped = d.clamp(-20.0, 20.0)
+    kl = _k3(clamped)
+    live = (d.abs() <= 20.0) & (kl <= 10.0)
+    return kl.clamp(max=10.0), torch.where(live, -(clamped + kl), 0.0)
+
+
+def _family_loss_rows_torch(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    family: v.LossFamily,
+    row_weight: float,
+    per_row_mean: bool,
+    token_mean: bool,
+    need_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
+    """Every loss of the family in torch: (d loss / d logp [B, T] or None, loss, metrics).
+    Math in float32, float64 when ``logp`` is float64. With sequence ratios the gradient
+    of each token adds a per-row term: the row's sum of d loss / d log s, over n_i."""
+    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    on = mask if mask.dtype == torch.bool else mask != 0
+    x = logp.to(dtype)
+    tokens = on.sum(-1, dtype=dtype)
+    total = tokens.sum().clamp(min=1)
+    adv = advantages.to(dtype).unsqueeze(-1)
+    if old_logp is None:
+        log_ratio = torch.zeros_like(x)
+    else:
+        # where, not a product: padding may hold -inf or NaN log-probs.
+        log_ratio = torch.where(on, x - old_logp.to(dtype), 0.0)
+    sequence = family.ratio_level == "sequence"
+    if sequence:
+        row_log_ratio = log_ratio.sum(-1, keepdim=True) / tokens.clamp(min=1)[:, None]
+        ratio = row_log_ratio.exp().expand_as(x)
+    else:
+        ratio = log_ratio.exp()
+    term, d_log_ratio, direct, low, high, dual = policy_terms_torch(
+        ratio, adv, x, eps_low, eps_high, family
+    )
+    if token_weights is not None:
+        w = token_weights.to(dtype)
+        w = w[:, None] if w.dim() == 1 else w
+        term, d_log_ratio = term * w, d_log_ratio * w
+        direct = None if direct is None else direct * w
+    per_token = term
+    d_own = torch.zeros_like(x) if direct is None else direct
+    kl = None
+    if beta != 0.0:
+        kl, d_kl = kl_terms_torch(x, ref_logp.to(dtype), family.kl_estimator)
+        if family.bias_correction_kl:
+            # beta kl r: its derivative in the log-ratio is beta kl r itself.
+            per_token = per_token + beta * kl * ratio
+            d_own = d_own + beta * d_kl * ratio
+            d_log_ratio = d_log_ratio + beta * kl * ratio
+        else:
+            per_token = per_token + beta * kl
+            d_own = d_own + beta * d_kl
+    if sequence:
+        row_term = torch.where(on, d_log_ratio, 0.0).sum(-1) / tokens.clamp(min=1)
+        dlogp = d_own + row_term[:, None]
+    else:
+        dlogp = d_own + d_log_ratio
+    scale = row_weight / tokens.clamp(min=1) if per_row_mean else tokens * 0.0 + row_weight
+    if token_mean:
+        scale = scale / total
+    grad = (torch.where(on, dlogp, 0.0) * scale[:, None]).to(logp.dtype) if need_grad else None
+    loss = (torch.where(on, per_token, 0.0).sum(-1) * scale).sum()
+
+    def token_share(values: torch.Tensor | None) -> torch.Tensor:
+        if values is None:
+            return total * 0.0
+        return torch.where(on, values.to(dtype), 0.0).sum() / total
+
+    metrics = {
+        "kl": token_share(kl),
+        "clip_fraction": token_share(low | high),
+        "clip_fraction_low": token_share(low),
+        "clip_fraction_high": token_share(high),
+        "dual_clip_fraction": token_share(dual),
+        "ratio_mean": token_share(ratio),
+    }
+    return grad, loss, metrics
+
+
+def _family_loss_torch(
+    logp: torch.Tensor,
+    inputs: list[torch.Tensor | None],
+    token_weights: torch.Tensor | None,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    family: v.LossFamily,
+    loss_agg: str,
+    max_len: int | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    logp_values, old_logp, ref_logp, advantages, mask = inputs
+    grad, loss, metrics = _family_loss_rows_torch(
+        logp_values,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        token_weights,
+        eps_low,
+        eps_high,
+        beta,
+        family,
+        *_aggregation_weights(loss_agg, logp.shape[0], max_len),
+        loss_agg == "token-mean",
+        torch.is_grad_enabled() and logp.requires_grad,
+    )
+    out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    loss = loss.to(out_dtype)
+    if grad is not None:
+        loss = _StoredGradLoss.apply(logp, grad.to(logp.dtype), loss)
+    return loss, {name: value.to(out_dtype) for name, value in metrics.items()}
 
 
 class _StoredGradLoss(torch.autograd.Function):
@@ -547,6 +768,15 @@ def policy_loss(
     beta: float = d.BETA,
     loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
+    ratio_level: str = d.RATIO_LEVEL,
+    loss_type: str = d.LOSS_TYPE,
+    tau_pos: float = d.TAU_POS,
+    tau_neg: float = d.TAU_NEG,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    kl_estimator: str = d.KL_ESTIMATOR,
+    bias_correction_kl: bool = False,
+    token_weights: torch.Tensor | None = None,
     check_finite: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy-gradient loss with k3 KL (the paper's GRPOLoss), fused.
@@ -570,20 +800,60 @@ def policy_loss(
             ``"seq-mean-token-sum-norm"`` (Dr. GRPO: token sums / ``max_len``, mean over
             sequences).
         max_len: the constant length of ``"seq-mean-token-sum-norm"``.
+        ratio_level: ``"token"`` (r_t = exp(logp_t - old_t)) or ``"sequence"`` (GSPO:
+            one ratio per sequence, exp of the mean of logp - old over its masked
+            tokens, differentiated through the mean).
+        loss_type: ``"clip"`` (the clipped surrogate), ``"cispo"``
+            (-sg(min(r, eps_high)) A logp: ``eps_high`` is the cap itself, e.g. 5.0) or
+            ``"sapo"`` (-sigmoid(tau (r - 1)) 4 / tau A).
+        tau_pos, tau_neg: SAPO's tau for A > 0 and for A <= 0.
+        delta: clip only: cap of the unclipped ratio (TRL's two-sided clip), > 1 + eps_high.
+        dual_clip: clip only: c > 1, rows with A < 0 lose at most -c A (verl's clip_ratio_c).
+        kl_estimator: ``"k3"``, ``"k1"`` (logp - ref), ``"k2"`` ((logp - ref)^2 / 2) or
+            ``"low_var_kl"`` (k3 clamped as verl's).
+        bias_correction_kl: multiply the KL term by the ratio (TRL's
+            use_bias_correction_kl), with its gradient.
+        token_weights: [B, T] or [B] constant multipliers of each token's policy term
+            (not of its KL term): importance weights, entropy or off-policy masks.
+            docs/loss_family.md has the exact formulas.
         check_finite: also check that log-probs are finite at masked-in tokens
             (one device sync; off by default for throughput).
 
     Returns:
-        (loss, {"kl": mean k3 KL over masked tokens, "clip_fraction": share of masked
-        tokens whose gradient the clip removes}), all 0-dim float32 tensors; the
-        loss is differentiable in ``logp``.
+        (loss, {"kl": mean KL estimate over masked tokens, "clip_fraction": share of
+        masked tokens whose gradient the clip removes}), all 0-dim float32 tensors; the
+        loss is differentiable in ``logp``. Any non-default family option adds
+        "clip_fraction_low", "clip_fraction_high", "dual_clip_fraction" and "ratio_mean".
     """
     logp, old_logp, ref_logp, mask = _check_loss_inputs(
         logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len, check_finite
     )
     advantages = v.check_advantages(advantages, "logp", logp)
+    family = _check_family(
+        eps_high,
+        ratio_level,
+        loss_type,
+        tau_pos,
+        tau_neg,
+        delta,
+        dual_clip,
+        kl_estimator,
+        bias_correction_kl,
+    )
+    token_weights = v.check_token_weights(token_weights, "logp", logp)
     return _fused_loss(
-        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len, advantages
+        logp,
+        old_logp,
+        ref_logp,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        advantages,
+        family,
+        token_weights,
     )
 
 
@@ -607,6 +877,15 @@ def krpo_loss(
     beta: float = d.BETA,
     loss_agg: str = d.LOSS_AGG,
     max_len: int | None = None,
+    ratio_level: str = d.RATIO_LEVEL,
+    loss_type: str = d.LOSS_TYPE,
+    tau_pos: float = d.TAU_POS,
+    tau_neg: float = d.TAU_NEG,
+    delta: float | None = None,
+    dual_clip: float | None = None,
+    kl_estimator: str = d.KL_ESTIMATOR,
+    bias_correction_kl: bool = False,
+    token_weights: torch.Tensor | None = None,
     check_finite: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fused KRPO loss: group advantages from rewards and the clipped policy loss,
@@ -630,13 +909,38 @@ def krpo_loss(
         )
     v.check_same_device("rewards", rewards, "logp", logp)
     kalman = _check_kalman(process_var, meas_var, init_mean, init_var, eps)
+    family = _check_family(
+        eps_high,
+        ratio_level,
+        loss_type,
+        tau_pos,
+        tau_neg,
+        delta,
+        dual_clip,
+        kl_estimator,
+        bias_correction_kl,
+    )
+    token_weights = v.check_token_weights(token_weights, "logp", logp)
     rewards = rewards.detach()
-    if not _uses_triton(logp, old_logp, ref_logp, rewards):
+    if not _uses_triton(logp, old_logp, ref_logp, rewards) or (
+        token_weights is not None or not family.is_paper_loss
+    ):
         advantages = _group_advantages_torch(
             rewards, group_size, offsets, max_group_len, mode, kalman[:4], kalman[4]
         )
         loss, metrics = _fused_loss(
-            logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len, advantages
+            logp,
+            old_logp,
+            ref_logp,
+            mask,
+            eps_low,
+            eps_high,
+            beta,
+            loss_agg,
+            max_len,
+            advantages,
+            family,
+            token_weights,
         )
         return loss, {**metrics, "advantages": advantages}
     from krpo_fast.kernels.krpo_loss import krpo_loss_triton
@@ -675,12 +979,27 @@ def _fused_loss(
     loss_agg: str,
     max_len: int | None,
     advantages: torch.Tensor,
+    family: v.LossFamily = _PAPER_LOSS,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss on validated inputs: the kernel, whose per-row partials
     ``_FusedLoss`` reduces, or the torch path."""
-    if not _uses_triton(logp, old_logp, ref_logp, advantages):
+    if not _uses_triton(logp, old_logp, ref_logp, advantages) or (
+        token_weights is not None or not family.is_paper_loss
+    ):
         return _policy_loss_torch(
-            logp, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, loss_agg, max_len
+            logp,
+            old_logp,
+            ref_logp,
+            advantages,
+            mask,
+            eps_low,
+            eps_high,
+            beta,
+            loss_agg,
+            max_len,
+            family,
+            token_weights,
         )
     from krpo_fast.kernels.policy_loss import policy_loss_triton
 
