@@ -23,7 +23,13 @@ import triton
 import triton.language as tl
 
 from krpo_fast.kernels.group_advantages import MODES, kalman_predict_update
-from krpo_fast.kernels.policy_loss import block_t_for, policy_loss_row
+from krpo_fast.kernels.policy_loss import (
+    FamilySwitches,
+    block_t_for,
+    family_launch_args,
+    family_loss_row,
+    policy_loss_row,
+)
 
 
 @triton.jit
@@ -107,6 +113,7 @@ def _krpo_loss_kernel(
     old_ptr,
     ref_ptr,
     mask_ptr,
+    weights_ptr,
     grad_ptr,
     partials_ptr,
     n_rows,
@@ -121,6 +128,8 @@ def _krpo_loss_kernel(
     stride_ref_t,
     stride_mask_b,
     stride_mask_t,
+    stride_weights_b,
+    stride_weights_t,
     process_var,
     meas_var,
     init_mean,
@@ -130,6 +139,10 @@ def _krpo_loss_kernel(
     eps_high,
     beta,
     row_weight,
+    delta,
+    dual_clip,
+    tau_pos,
+    tau_neg,
     MODE: tl.constexpr,
     RAGGED: tl.constexpr,
     N_SEARCH_STEPS: tl.constexpr,
@@ -137,6 +150,14 @@ def _krpo_loss_kernel(
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
     PER_ROW_MEAN: tl.constexpr,
+    FAMILY: tl.constexpr,
+    SEQUENCE: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr,
+    BIAS_KL: tl.constexpr,
+    WEIGHTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -162,6 +183,45 @@ def _krpo_loss_kernel(
         BLOCK_G,
     )
     tl.store(adv_out_ptr + row, adv)
+    if FAMILY:
+        family_loss_row(
+            row,
+            adv,
+            logp_ptr + row * stride_logp_b,
+            old_ptr + row * stride_old_b,
+            ref_ptr + row * stride_ref_b,
+            mask_ptr + row * stride_mask_b,
+            weights_ptr + row * stride_weights_b,
+            grad_ptr + row * n_cols,
+            partials_ptr,
+            n_rows,
+            n_cols,
+            stride_logp_t,
+            stride_old_t,
+            stride_ref_t,
+            stride_mask_t,
+            stride_weights_t,
+            eps_low,
+            eps_high,
+            beta,
+            row_weight,
+            delta,
+            dual_clip,
+            tau_pos,
+            tau_neg,
+            HAS_OLD,
+            HAS_REF,
+            PER_ROW_MEAN,
+            SEQUENCE,
+            LOSS_TYPE,
+            HAS_DELTA,
+            HAS_DUAL,
+            KL_ESTIMATOR,
+            BIAS_KL,
+            WEIGHTS,
+            BLOCK_T,
+        )
+        return
     policy_loss_row(
         row,
         adv,
@@ -205,8 +265,11 @@ def krpo_loss_triton(
     row_weight: float,
     per_row_mean: bool,
     max_group_len: int,
+    family: FamilySwitches | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the fused kernel; returns (advantages [B] float32, gradient [B, T], partials [4, B]).
+    """Launch the fused kernel; returns (advantages [B] float32, gradient [B, T], partials
+    [4, B], or [7, B] with ``family``, as ``policy_loss_triton``).
 
     ``kalman`` is (process_var, meas_var, init_mean, init_var); ``max_group_len`` sizes
     the GRPO modes' reduction block. Inputs are validated by the caller; ``mask``
@@ -216,7 +279,7 @@ def krpo_loss_triton(
     device = logp.device
     advantages = torch.empty(n_rows, dtype=torch.float32, device=device)
     grad = torch.empty((n_rows, n_cols), dtype=logp.dtype, device=device)
-    partials = torch.empty((4, n_rows), dtype=torch.float32, device=device)
+    partials = torch.empty((4 if family is None else 7, n_rows), dtype=torch.float32, device=device)
     if n_rows == 0:
         return advantages, grad, partials
     ragged = group_offsets is not None
@@ -232,6 +295,7 @@ def krpo_loss_triton(
     old = old_logp if has_old else logp
     ref = ref_logp if has_ref else logp
     process_var, meas_var, init_mean, init_var = kalman
+    weights, weights_strides, switches = family_launch_args(family, token_weights, logp)
     _krpo_loss_kernel[(n_rows,)](
         rewards,
         group_offsets if ragged else rewards,  # unused pointer when uniform
@@ -241,6 +305,7 @@ def krpo_loss_triton(
         old,
         ref,
         mask,
+        weights,
         grad,
         partials,
         n_rows,
@@ -255,6 +320,7 @@ def krpo_loss_triton(
         ref.stride(1),
         mask.stride(0),
         mask.stride(1),
+        *weights_strides,
         process_var,
         meas_var,
         init_mean,
@@ -264,6 +330,7 @@ def krpo_loss_triton(
         eps_high,
         beta,
         row_weight,
+        *switches.runtime,
         MODE=MODES[mode],
         RAGGED=ragged,
         N_SEARCH_STEPS=max(1, (n_groups - 1).bit_length()),
@@ -271,6 +338,7 @@ def krpo_loss_triton(
         HAS_OLD=has_old,
         HAS_REF=has_ref,
         PER_ROW_MEAN=per_row_mean,
+        **switches.constexprs,
         BLOCK_T=block_t_for(n_cols),
     )
     return advantages, grad, partials

@@ -683,6 +683,63 @@ class _FusedLoss(torch.autograd.Function):
         return grad * (grad_loss * grad_scale).to(grad.dtype), None, None, None
 
 
+class _FusedFamilyLoss(torch.autograd.Function):
+    """``_FusedLoss`` for the family kernels' partials [7, B] (see ``family_loss_row``):
+    also the low-clipped and dual-clipped shares and the mean ratio."""
+
+    @staticmethod
+    def forward(ctx, logp, grad, partials, token_mean):  # noqa: D102
+        out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+        loss_sum, kl_sum, clipped, tokens, low, dual, ratio = (
+            partials.sum(dim=1).to(out_dtype).unbind()
+        )
+        token_norm = 1.0 / tokens.clamp(min=1)
+        grad_scale = token_norm if token_mean else torch.ones_like(token_norm)
+        ctx.save_for_backward(grad, grad_scale)
+        metrics = tuple(
+            value * token_norm for value in (kl_sum, clipped, low, clipped - low, dual, ratio)
+        )
+        ctx.mark_non_differentiable(*metrics)
+        return (loss_sum * grad_scale, *metrics)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_metrics):  # noqa: D102
+        grad, grad_scale = ctx.saved_tensors
+        return grad * (grad_loss * grad_scale).to(grad.dtype), None, None, None
+
+
+# The metrics of the family, in the order ``_FusedFamilyLoss`` returns them.
+_FAMILY_METRICS = (
+    "kl",
+    "clip_fraction",
+    "clip_fraction_low",
+    "clip_fraction_high",
+    "dual_clip_fraction",
+    "ratio_mean",
+)
+
+
+def _reduce_partials(
+    logp: torch.Tensor, grad: torch.Tensor, partials: torch.Tensor, token_mean: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and metrics from a token kernel's partials ([4, B] paper, [7, B] family)."""
+    if partials.shape[0] == 4:
+        loss, kl, clip_fraction = _FusedLoss.apply(logp, grad, partials, token_mean)
+        return loss, {"kl": kl, "clip_fraction": clip_fraction}
+    loss, *metrics = _FusedFamilyLoss.apply(logp, grad, partials, token_mean)
+    return loss, dict(zip(_FAMILY_METRICS, metrics, strict=True))
+
+
+def _kernel_family(family: v.LossFamily, token_weights: torch.Tensor | None) -> object:
+    """The kernels' switches for ``family``; None for the paper's loss without weights
+    (the kernels compiled without the family's code)."""
+    if family.is_paper_loss and token_weights is None:
+        return None
+    from krpo_fast.kernels.policy_loss import family_switches
+
+    return family_switches(*family)
+
+
 # ------------------------------------------------------------------------- public ops
 
 
@@ -922,9 +979,7 @@ def krpo_loss(
     )
     token_weights = v.check_token_weights(token_weights, "logp", logp)
     rewards = rewards.detach()
-    if not _uses_triton(logp, old_logp, ref_logp, rewards) or (
-        token_weights is not None or not family.is_paper_loss
-    ):
+    if not _uses_triton(logp, old_logp, ref_logp, rewards, token_weights):
         advantages = _group_advantages_torch(
             rewards, group_size, offsets, max_group_len, mode, kalman[:4], kalman[4]
         )
@@ -963,9 +1018,11 @@ def krpo_loss(
         row_weight,
         per_row_mean,
         max_group_len,
+        _kernel_family(family, token_weights),
+        token_weights,
     )
-    loss, kl, clip_fraction = _FusedLoss.apply(logp, grad, partials, loss_agg == "token-mean")
-    return loss, {"kl": kl, "clip_fraction": clip_fraction, "advantages": advantages}
+    loss, metrics = _reduce_partials(logp, grad, partials, loss_agg == "token-mean")
+    return loss, {**metrics, "advantages": advantages}
 
 
 def _fused_loss(
@@ -984,9 +1041,7 @@ def _fused_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss on validated inputs: the kernel, whose per-row partials
     ``_FusedLoss`` reduces, or the torch path."""
-    if not _uses_triton(logp, old_logp, ref_logp, advantages) or (
-        token_weights is not None or not family.is_paper_loss
-    ):
+    if not _uses_triton(logp, old_logp, ref_logp, advantages, token_weights):
         return _policy_loss_torch(
             logp,
             old_logp,
@@ -1015,6 +1070,7 @@ def _fused_loss(
         beta,
         row_weight,
         per_row_mean,
+        _kernel_family(family, token_weights),
+        token_weights,
     )
-    loss, kl, clip_fraction = _FusedLoss.apply(logp, grad, partials, loss_agg == "token-mean")
-    return loss, {"kl": kl, "clip_fraction": clip_fraction}
+    return _reduce_partials(logp, grad, partials, loss_agg == "token-mean")
