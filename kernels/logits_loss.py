@@ -30,7 +30,12 @@ per-sequence tensors (adv, seq_weight) contiguous [B].
 import triton
 import triton.language as tl
 
-from krpo_fast.kernels.policy_loss import clipped_token_loss
+from krpo_fast.kernels.policy_loss import (
+    _PAPER_SWITCHES,
+    FamilySwitches,
+    clipped_token_loss,
+    family_token_loss,
+)
 from krpo_fast.kernels.selective_log_softmax import _row_offset, launch_config
 
 
@@ -47,6 +52,9 @@ def _logits_loss_kernel(
     loss_ptr,
     kl_ptr,
     clip_ptr,
+    weights_ptr,
+    extra_ptr,
+    extra_stride,
     row_start,
     seq_len,
     T_view,
@@ -59,10 +67,24 @@ def _logits_loss_kernel(
     eps_low,
     eps_high,
     beta,
+    delta,
+    dual_clip,
+    tau_pos,
+    tau_neg,
+    entropy_weight_ptr,
     BLOCK_V: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_KL: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    FAMILY: tl.constexpr,
+    SEQUENCE: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr,
+    BIAS_KL: tl.constexpr,
+    WEIGHTS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0)
     tok = row_start + row
@@ -79,16 +101,29 @@ def _logits_loss_kernel(
     # Pass 1: online log-sum-exp (masked rows load nothing).
     m = -float("inf")
     s = 0.0
+    # With the entropy, t = sum exp(x - m) (x - m) beside s: H = log s - t / s (as in
+    # selective_log_softmax.py, no cancellation between lse and E[x]).
+    t = 0.0
     for start in range(0, V, BLOCK_V):
         ld_mask = start + cols < n_read
         x = tl.load(base + start + cols, mask=ld_mask, other=-float("inf")).to(tl.float32)
         x = x * inv_temp
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        if WITH_ENTROPY:
+            rescale = tl.exp(m - m_new)
+            e = tl.exp(x - m_new)
+            t = tl.where(s > 0, rescale * (t + (m - m_new) * s), 0.0)
+            t += tl.sum(tl.where(e > 0, e * (x - m_new), 0.0), axis=0)
+            s = s * rescale + tl.sum(e, axis=0)
+        else:
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     # Masked rows: m = -inf, s = 0; both are set to 0 so nothing below turns NaN.
     m = tl.where(active, m, 0.0)
     log_s = tl.where(active, tl.log(s), 0.0)
+    if WITH_ENTROPY:
+        entropy = tl.where(active, log_s - t / tl.where(active, s, 1.0), 0.0)
+        entropy_weight = tl.load(entropy_weight_ptr)
 
     y = tl.load(ids_ptr + tok).to(tl.int64)
     x_y = tl.load(base + y, mask=active, other=0.0).to(tl.float32) * inv_temp
@@ -102,23 +137,69 @@ def _logits_loss_kernel(
         old = tl.load(old_ptr + tok)
     if HAS_KL:
         ref = tl.load(ref_ptr + tok)
-    loss, dlogp, kl, clipped = clipped_token_loss(
-        logp, old, ref, adv, eps_low, eps_high, beta, HAS_OLD, HAS_KL
-    )
+    if FAMILY:
+        # Token ratios only: sequence ratios need the whole row's log-probs first.
+        token_weight = 1.0
+        if WEIGHTS == 2:
+            token_weight = tl.load(weights_ptr + tok).to(tl.float32)
+        ratio = 1.0 + 0.0 * logp
+        if HAS_OLD:
+            ratio = tl.exp(logp - old)
+        loss, d_own, d_policy, d_kl, kl, low, high, dual = family_token_loss(
+            logp,
+            old,
+            ref,
+            adv,
+            token_weight,
+            ratio,
+            eps_low,
+            eps_high,
+            beta,
+            delta,
+            dual_clip,
+            tau_pos,
+            tau_neg,
+            HAS_KL,
+            LOSS_TYPE,
+            HAS_DELTA,
+            HAS_DUAL,
+            KL_ESTIMATOR,
+            BIAS_KL,
+        )
+        dlogp = d_own + token_weight * d_policy + d_kl
+        clipped = low | high
+        tl.store(extra_ptr + row, tl.where(active & low, m_tok, 0.0))
+        tl.store(extra_ptr + extra_stride + row, tl.where(active & dual, m_tok, 0.0))
+        tl.store(extra_ptr + 2 * extra_stride + row, tl.where(active, m_tok * ratio, 0.0))
+    else:
+        loss, dlogp, kl, clipped = clipped_token_loss(
+            logp, old, ref, adv, eps_low, eps_high, beta, HAS_OLD, HAS_KL
+        )
     if HAS_KL:
         tl.store(kl_ptr + row, tl.where(active, m_tok * kl, 0.0))
     # tl.where, not a product: a padding token's garbage old/ref must not give 0 * inf.
-    tl.store(loss_ptr + row, tl.where(active, w * loss, 0.0))
+    row_loss = tl.where(active, w * loss, 0.0)
+    if WITH_ENTROPY:
+        tl.store(extra_ptr + 3 * extra_stride + row, m_tok * entropy)
+        # The entropy bonus: entropy_weight = -entropy_coef / (masked tokens).
+        row_loss += entropy_weight * m_tok * entropy
+    tl.store(loss_ptr + row, row_loss)
     tl.store(clip_ptr + row, tl.where(active & clipped, m_tok, 0.0))
 
     if WRITE_GRAD:
         # Pass 2: dz = (onehot - softmax) g / T; a row's second read hits L2 on a GPU.
         g = tl.where(active, w * dlogp, 0.0) * inv_temp
+        if WITH_ENTROPY:
+            # dH / dx = -p (log p + H), folded into the one write of dz.
+            h = entropy_weight * m_tok * inv_temp
         for start in range(0, V, BLOCK_V):
             idx = start + cols
             x = tl.load(base + idx, mask=idx < n_read, other=0.0).to(tl.float32) * inv_temp
-            p = tl.where(active, tl.exp((x - m) - log_s), 0.0)
+            log_p = (x - m) - log_s
+            p = tl.where(active, tl.exp(log_p), 0.0)
             dz = (tl.where(idx == y, 1.0, 0.0) - p) * g
+            if WITH_ENTROPY:
+                dz -= tl.where(p > 0, h * p * (log_p + entropy), 0.0)
             tl.store(grad_base + idx, dz.to(grad_ptr.dtype.element_ty), mask=idx < V)
 
 
@@ -141,6 +222,10 @@ def logits_loss_fwd(
     eps_high,
     beta,
     write_grad=True,
+    family: FamilySwitches | None = None,
+    token_weights=None,
+    extra_rows=None,
+    entropy_weight=None,
 ):
     """Launch over the rows of ``logits`` ([B', T_view, V] view) = tokens row_start....
 
@@ -148,10 +233,23 @@ def logits_loss_fwd(
     left untouched when ``ref_logp`` is None. ``grad`` may alias ``logits``; it is
     not written when ``write_grad`` is False. Per-token tensors are indexed by
     global token, the per-row outputs by local row.
+
+    ``family`` (token ratios only) selects a loss of the family, with contiguous
+    per-token ``token_weights`` [B * T] or None; it writes low-clipped, dual-clipped and
+    mask * ratio per row into rows 0-2 of ``extra_rows`` ([4, rows] view, row stride
+    free). ``entropy_weight`` (a one-element float32 tensor, or None) computes the
+    entropy in pass 1, writes mask * entropy into row 3 and adds entropy_weight *
+    mask * entropy to the loss, with its gradient (entropy_weight = -entropy_coef /
+    masked tokens; 0 for the metric alone).
     """
     n_rows = logits.shape[0] * logits.shape[1]
     V = logits.shape[2]
     block, num_warps = launch_config(V)
+    switches = _PAPER_SWITCHES if family is None else family
+    if switches.constexprs["SEQUENCE"]:
+        raise ValueError("the logits kernel takes token ratios only")
+    with_entropy = entropy_weight is not None
+    extra = loss_rows if extra_rows is None else extra_rows
     _logits_loss_kernel[(n_rows,)](
         logits,
         grad,
@@ -164,6 +262,9 @@ def logits_loss_fwd(
         loss_rows,
         kl_rows,
         clip_rows,
+        token_ids if token_weights is None else token_weights,
+        extra,
+        0 if extra_rows is None else extra_rows.stride(0),
         row_start,
         seq_len,
         logits.shape[1],
@@ -176,9 +277,15 @@ def logits_loss_fwd(
         eps_low,
         eps_high,
         beta,
+        *switches.runtime,
+        entropy_weight if with_entropy else loss_rows,
         BLOCK_V=block,
         HAS_OLD=old_logp is not None,
         HAS_KL=ref_logp is not None,
         WRITE_GRAD=write_grad,
+        FAMILY=family is not None,
+        **switches.constexprs,
+        WEIGHTS=0 if token_weights is None else 2,
+        WITH_ENTROPY=with_entropy,
         num_warps=num_warps,
     )

@@ -36,6 +36,7 @@ from krpo_fast._validation import (
     check_token_weights,
 )
 from krpo_fast.kernels.logits_loss import logits_loss_fwd
+from krpo_fast.kernels.policy_loss import family_switches
 from krpo_fast.kernels.selective_log_softmax import (
     selective_log_softmax_bwd,
     selective_log_softmax_fwd,
@@ -354,7 +355,24 @@ def selective_log_softmax(
 class _LossSetup:
     """Per-token and per-sequence inputs of the fused loss, flattened for the kernel."""
 
-    def __init__(self, token_ids, old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len):
+    def __init__(
+        self,
+        token_ids,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        beta,
+        loss_agg,
+        max_len,
+        family=None,
+        token_weights=None,
+        entropy_coef=0.0,
+        with_entropy=False,
+    ):
+        """``family``: the kernels' switches of a token-ratio loss of the family (None:
+        the paper's loss); ``with_entropy``: the entropy metric (and ``entropy_coef``'s
+        bonus) from the same pass."""
         B, T = token_ids.shape
         self.seq_len = T
         self.ids = token_ids.reshape(-1).contiguous()
@@ -378,6 +396,34 @@ class _LossSetup:
         self.loss_rows = torch.empty(n, dtype=torch.float32, device=token_ids.device)
         self.kl_rows = torch.zeros_like(self.loss_rows)
         self.clip_rows = torch.empty_like(self.loss_rows)
+        self.family = family
+        self.weights = None
+        if token_weights is not None:
+            weights = token_weights[:, None] if token_weights.dim() == 1 else token_weights
+            self.weights = weights.float().expand(B, T).reshape(-1).contiguous()
+        self.entropy_weight = None
+        if with_entropy:
+            self.entropy_weight = (-entropy_coef / self.mask_total.clamp(min=1.0)).reshape(1)
+        # Rows of low-clipped, dual-clipped, mask * ratio, mask * entropy.
+        self.extra_rows = None
+        if family is not None or with_entropy:
+            self.extra_rows = torch.zeros(4, n, dtype=torch.float32, device=token_ids.device)
+
+    def extra_metrics(self) -> dict[str, torch.Tensor]:
+        """The family's metrics beside loss, KL and clip fraction (after the kernel)."""
+        if self.extra_rows is None:
+            return {}
+        total = self.mask_total.clamp(min=1.0)
+        low, dual, ratio, entropy = self.extra_rows.sum(-1).unbind()
+        metrics = {}
+        if self.family is not None:
+            metrics["clip_fraction_low"] = low / total
+            metrics["clip_fraction_high"] = (self.clip_rows.sum() - low) / total
+            metrics["dual_clip_fraction"] = dual / total
+            metrics["ratio_mean"] = ratio / total
+        if self.entropy_weight is not None:
+            metrics["entropy"] = entropy / total
+        return metrics
 
     def metrics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         total = self.mask_total.clamp(min=1.0)
@@ -459,6 +505,10 @@ def _loss_rows(x3, grad3, row_start, setup, temperature, eps_low, eps_high, beta
             eps_high,
             beta,
             write_grad=grad3 is not None,
+            family=setup.family,
+            token_weights=setup.weights,
+            extra_rows=None if setup.extra_rows is None else setup.extra_rows[:, rows],
+            entropy_weight=setup.entropy_weight,
         )
         return
     for r0, block, grad_block in _row_blocks(x3, grad3):
@@ -780,7 +830,7 @@ def policy_loss_from_logits(
         max_len,
         advantages,
     )
-    family_setup = _family_setup(
+    setup = _family_setup(
         token_ids,
         old_logp,
         ref_logp,
@@ -802,16 +852,18 @@ def policy_loss_from_logits(
         token_weights,
         entropy_coef,
         return_entropy,
+        use_triton(logits),
     )
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    if family_setup is not None:
+    if isinstance(setup, _FamilySetup):
         outputs = _FamilyLossFromLogits.apply(
-            logits, family_setup, float(temperature), need_grad, inplace_backward
+            logits, setup, float(temperature), need_grad, inplace_backward
         )
-        return outputs[0], _metric_dict(family_setup, outputs[1:])
-    setup = _LossSetup(
-        _as_index(token_ids), old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len
-    )
+        return outputs[0], _metric_dict(setup, outputs[1:])
+    if setup is None:
+        setup = _LossSetup(
+            _as_index(token_ids), old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len
+        )
     loss, kl, clip_fraction = _LossFromLogits.apply(
         logits,
         setup,
@@ -822,7 +874,7 @@ def policy_loss_from_logits(
         need_grad,
         inplace_backward,
     )
-    return loss, {"kl": kl, "clip_fraction": clip_fraction}
+    return loss, {"kl": kl, "clip_fraction": clip_fraction, **setup.extra_metrics()}
 
 
 def _family_setup(
@@ -847,9 +899,12 @@ def _family_setup(
     token_weights,
     entropy_coef,
     return_entropy,
-) -> _FamilySetup | None:
-    """Check the loss-family options (the other arguments are checked already); None
-    for the paper's loss without entropy, which the fused kernel computes."""
+    fused,
+) -> _LossSetup | _FamilySetup | None:
+    """Check the loss-family options (the other arguments are checked already). Returns
+    None for the paper's loss without entropy (the fused kernel's default variant), a
+    ``_LossSetup`` for the fused kernel's family variants (``fused``: the kernel runs;
+    token ratios), else a ``_FamilySetup`` to compose the loss from log-probs."""
     family = check_loss_family(
         eps_high=eps_high,
         ratio_level=ratio_level,
@@ -874,6 +929,21 @@ def _family_setup(
         return None
     if beta == 0.0:
         ref_logp = None
+    if fused and family.ratio_level == "token":
+        return _LossSetup(
+            _as_index(token_ids),
+            old_logp,
+            ref_logp,
+            advantages,
+            mask,
+            beta,
+            loss_agg,
+            max_len,
+            None if family.is_paper_loss and token_weights is None else family_switches(*family),
+            token_weights,
+            entropy_coef,
+            return_entropy or entropy_coef != 0.0,
+        )
     return _FamilySetup(
         _as_index(token_ids),
         old_logp,
@@ -1147,7 +1217,7 @@ def policy_loss_from_hidden(
         max_len,
         advantages,
     )
-    family_setup = _family_setup(
+    setup = _family_setup(
         token_ids,
         old_logp,
         ref_logp,
@@ -1169,22 +1239,24 @@ def policy_loss_from_hidden(
         token_weights,
         entropy_coef,
         return_entropy,
+        use_triton(hidden),
     )
     grad_on = torch.is_grad_enabled()
-    if family_setup is not None:
+    if isinstance(setup, _FamilySetup):
         outputs = _FamilyLossFromHidden.apply(
             hidden,
             lm_head_weight,
-            family_setup,
+            setup,
             float(temperature),
             chunk_size,
             grad_on and hidden.requires_grad,
             grad_on and lm_head_weight.requires_grad,
         )
-        return outputs[0], _metric_dict(family_setup, outputs[1:])
-    setup = _LossSetup(
-        _as_index(token_ids), old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len
-    )
+        return outputs[0], _metric_dict(setup, outputs[1:])
+    if setup is None:
+        setup = _LossSetup(
+            _as_index(token_ids), old_logp, ref_logp, advantages, mask, beta, loss_agg, max_len
+        )
     loss, kl, clip_fraction = _LossFromHidden.apply(
         hidden,
         lm_head_weight,
@@ -1197,7 +1269,7 @@ def policy_loss_from_hidden(
         grad_on and hidden.requires_grad,
         grad_on and lm_head_weight.requires_grad,
     )
-    return loss, {"kl": kl, "clip_fraction": clip_fraction}
+    return loss, {"kl": kl, "clip_fraction": clip_fraction, **setup.extra_metrics()}
 
 
 def krpo_loss_from_hidden(
