@@ -41,12 +41,7 @@ from krpo_fast.kernels.selective_log_softmax import (
     selective_log_softmax_bwd,
     selective_log_softmax_fwd,
 )
-from krpo_fast.ops import (
-    _aggregation_weights,
-    _family_loss_rows_torch,
-    group_advantages,
-    token_terms_torch,
-)
+from krpo_fast.ops import _fused_loss, group_advantages, token_terms_torch
 
 __all__ = [
     "krpo_loss_from_hidden",
@@ -590,23 +585,29 @@ class _FamilySetup:
     def loss(self, need_grad: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss and metrics from the log-probs; keeps d loss / d logp (and d loss /
         d entropy) per token for :meth:`write_grad`."""
-        B, T = self.shape
-        grad, loss, metrics = _family_loss_rows_torch(
-            self.logp.view(B, T),
-            self.old,
-            self.ref,
-            self.advantages,
-            self.mask,
-            self.token_weights,
-            self.eps_low,
-            self.eps_high,
-            self.beta,
-            self.family,
-            *_aggregation_weights(self.loss_agg, B, self.max_len),
-            self.loss_agg == "token-mean",
-            need_grad,
-        )
-        self.g_logp = None if grad is None else grad.reshape(-1).float().contiguous()
+        logp = self.logp.view(self.shape).detach().requires_grad_(need_grad)
+        with torch.enable_grad():
+            # The token kernel (or its torch path) on the log-probs: its gradient is
+            # stored in the forward, autograd only scales it.
+            loss, metrics = _fused_loss(
+                logp,
+                self.old,
+                self.ref,
+                self.mask,
+                self.eps_low,
+                self.eps_high,
+                self.beta,
+                self.loss_agg,
+                self.max_len,
+                self.advantages,
+                self.family,
+                self.token_weights,
+            )
+        self.g_logp = None
+        if need_grad:
+            (grad,) = torch.autograd.grad(loss, logp)
+            self.g_logp = grad.reshape(-1).float().contiguous()
+        loss = loss.detach()
         self.g_entropy = None
         if self.with_entropy:
             on = self.mask.reshape(-1)
