@@ -20,7 +20,14 @@ import yaml
 
 from krpo_fast import defaults
 from krpo_fast.data import ArithmeticTask
-from krpo_fast.defaults import ADVANTAGE_MODES, LOSS_AGGREGATIONS
+from krpo_fast.defaults import (
+    ADVANTAGE_MODES,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    LOSS_TYPES,
+    RATIO_LEVELS,
+)
+from krpo_fast.rollout_correction import ROLLOUT_CORRECTION_MODES
 
 
 def _f(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -92,6 +99,48 @@ class TrainConfig:
     eps_high: float = _f(defaults.EPS_HIGH, "ratio clip above 1")
     loss_agg: Literal[LOSS_AGGREGATIONS] = _f(
         defaults.LOSS_AGG, "loss aggregation over tokens and sequences"
+    )
+    # the loss family beyond the paper's loss (docs/loss_family.md)
+    loss_type: Literal[LOSS_TYPES] = _f(
+        defaults.LOSS_TYPE,
+        "policy term: clip (PPO/GRPO), cispo (truncated IS weight; --eps_high is the cap, "
+        "e.g. 5) or sapo (smooth gate)",
+    )
+    ratio_level: Literal[RATIO_LEVELS] = _f(
+        defaults.RATIO_LEVEL, "token ratios, or one per sequence (GSPO: geometric mean)"
+    )
+    delta: float = _f(0.0, "clip loss: upper bound of the unclipped ratio (TRL's delta); 0: off")
+    dual_clip: float = _f(
+        0.0, "clip loss: cap the loss of negative-advantage tokens at c |A| (c > 1); 0: off"
+    )
+    tau_pos: float = _f(defaults.TAU_POS, "sapo: gate temperature for positive advantages")
+    tau_neg: float = _f(defaults.TAU_NEG, "sapo: gate temperature for other advantages")
+    kl_estimator: Literal[KL_ESTIMATORS] = _f(
+        defaults.KL_ESTIMATOR, "KL estimator (with --beta > 0): k3, k1, k2 or low_var_kl"
+    )
+    entropy_coef: float = _f(
+        defaults.ENTROPY_COEF, "entropy bonus weight (the mean entropy is logged either way)"
+    )
+    rollout_correction: Literal[("none", *ROLLOUT_CORRECTION_MODES)] = _f(
+        "sequence_mask",
+        "reweight samples by trainer/engine probability ratios when the engine is not the "
+        "policy itself (vLLM, HF on a copy); no effect when HF samples from the policy",
+    )
+    rollout_clip_max: float = _f(3.0, "upper bound of the rollout-correction ratio; 0: none")
+    rollout_clip_min: float = _f(0.0, "lower bound of the rollout-correction ratio; 0: none")
+    filter_groups: bool = _f(
+        False,
+        "dynamic sampling (DAPO): drop groups whose rewards are all equal and sample more "
+        "prompts until the step's batch is full",
+    )
+    max_generation_rounds: int = _f(
+        4, "--filter_groups: sampling rounds per step before the batch is topped up unfiltered"
+    )
+    overlong_buffer_len: int = _f(
+        0, "DAPO's soft overlong punishment: the last N tokens before max_new_tokens; 0: off"
+    )
+    overlong_penalty: float = _f(
+        1.0, "reward subtracted at max_new_tokens, linearly from 0 over the overlong buffer"
     )
     # generation
     temperature: float = _f(0.7, "sampling temperature (also applied to the training log-probs)")
@@ -186,6 +235,13 @@ class TrainConfig:
             "weight_decay",
             "reward_noise",
             "eval_steps",
+            "delta",
+            "dual_clip",
+            "entropy_coef",
+            "rollout_clip_max",
+            "rollout_clip_min",
+            "overlong_buffer_len",
+            "overlong_penalty",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -196,11 +252,68 @@ class TrainConfig:
             raise ValueError(f"--reward_flip_rate must be in [0, 1], got {self.reward_flip_rate}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        self._validate_loss_family()
         if self.adv_mode == "grpo" and self.group_size < 2:
             raise ValueError("--adv_mode grpo needs --group_size >= 2")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         self.task()
+
+    def _validate_loss_family(self) -> None:
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ValueError(f"--dual_clip must be > 1 (or 0: off), got {self.dual_clip}")
+        if self.loss_type != "clip" and (self.delta or self.dual_clip):
+            raise ValueError(
+                f"--delta and --dual_clip bound the clip loss, not --loss_type {self.loss_type}"
+            )
+        if self.loss_type == "cispo" and self.eps_high <= 1:
+            raise ValueError(
+                f"--loss_type cispo caps the ratio at --eps_high, which must be > 1 (e.g. 5), "
+                f"got {self.eps_high}"
+            )
+        for name in ("tau_pos", "tau_neg"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.rollout_correction.endswith("truncate") and not (
+            self.rollout_clip_max or self.rollout_clip_min
+        ):
+            raise ValueError(
+                f"--rollout_correction {self.rollout_correction} needs --rollout_clip_max or "
+                "--rollout_clip_min"
+            )
+        if self.rollout_clip_max and self.rollout_clip_min >= self.rollout_clip_max:
+            raise ValueError(
+                f"--rollout_clip_min {self.rollout_clip_min} must be below "
+                f"--rollout_clip_max {self.rollout_clip_max}"
+            )
+        if self.filter_groups and self.group_size < 2:
+            raise ValueError(
+                "--filter_groups needs --group_size >= 2 (it drops equal-reward groups)"
+            )
+        if self.max_generation_rounds < 1:
+            raise ValueError(
+                f"--max_generation_rounds must be >= 1, got {self.max_generation_rounds}"
+            )
+        if self.overlong_buffer_len > self.max_new_tokens:
+            raise ValueError(
+                f"--overlong_buffer_len {self.overlong_buffer_len} exceeds --max_new_tokens "
+                f"{self.max_new_tokens}"
+            )
+
+    def loss_options(self) -> dict[str, Any]:
+        """The loss family's keywords of the fused ops that differ from the paper's loss
+        (the default call stays the paper's)."""
+        options = {
+            "loss_type": self.loss_type,
+            "ratio_level": self.ratio_level,
+            "delta": self.delta or None,
+            "dual_clip": self.dual_clip or None,
+            "tau_pos": self.tau_pos,
+            "tau_neg": self.tau_neg,
+            "kl_estimator": self.kl_estimator,
+            "entropy_coef": self.entropy_coef,
+        }
+        return {k: v for k, v in options.items() if v != _PAPER_LOSS[k]}
 
 
 @dataclass
@@ -236,6 +349,18 @@ class EvalConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
+
+# The loss family's keywords at the paper's loss (what the ops default to).
+_PAPER_LOSS = {
+    "loss_type": defaults.LOSS_TYPE,
+    "ratio_level": defaults.RATIO_LEVEL,
+    "delta": None,
+    "dual_clip": None,
+    "tau_pos": defaults.TAU_POS,
+    "tau_neg": defaults.TAU_NEG,
+    "kl_estimator": defaults.KL_ESTIMATOR,
+    "entropy_coef": defaults.ENTROPY_COEF,
+}
 
 # What a resumed run takes from its checkpoint, whatever the flags say: what defines the
 # run's data and model, and what the optimizer and scheduler states carry. Every other

@@ -159,6 +159,10 @@ class PolicyLoss(torch.nn.Module):
     (possibly tied) output embedding is unsharded while it is used and its gradient is
     synchronised with the others. Called without ``advantages`` it returns the
     completion log-probs instead (old/ref log-probs, under ``torch.no_grad``).
+
+    ``loss_options`` are the loss family's keywords of ``policy_loss_from_hidden``
+    (``loss_type``, ``ratio_level``, ``delta``, ``dual_clip``, ``kl_estimator``,
+    ``entropy_coef``, ...), passed through unchanged.
     """
 
     def __init__(
@@ -171,12 +175,14 @@ class PolicyLoss(torch.nn.Module):
         loss_agg: str,
         max_len: int,
         autocast: contextlib.AbstractContextManager | None = None,
+        **loss_options: Any,
     ) -> None:
         super().__init__()
         self.model = model
         self.temperature, self.eps_low, self.eps_high = temperature, eps_low, eps_high
         self.beta, self.loss_agg, self.max_len = beta, loss_agg, max_len
         self.autocast = autocast or contextlib.nullcontext()
+        self.loss_options = loss_options
 
     def forward(
         self,
@@ -184,8 +190,11 @@ class PolicyLoss(torch.nn.Module):
         advantages: torch.Tensor | None = None,
         old_logp: torch.Tensor | None = None,
         ref_logp: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> Any:
-        """(loss, metrics) of ``policy_loss_from_hidden``; [b, T] log-probs without advantages."""
+        """(loss, metrics) of ``policy_loss_from_hidden``; [b, T] log-probs without advantages.
+
+        ``token_weights`` ([b, T] or [b]) multiply the policy term (rollout correction)."""
         if advantages is None:
             return completion_logprobs(self.model, batch, self.temperature, self.autocast)
         with self.autocast:
@@ -205,4 +214,7 @@ class PolicyLoss(torch.nn.Module):
             beta=self.beta,
             loss_agg=self.loss_agg,
             max_len=self.max_len,
+            **self.loss_options,
+            # Only when given: without them the call is the paper's loss.
+            **({"token_weights": token_weights} if token_weights is not None else {}),
         )

@@ -1,9 +1,11 @@
 """The KRPO training loop, in one function.
 
-Per step: sample prompts -> G completions each (vLLM or HF generate) -> rewards ->
-group advantages (Kalman by default) -> old/ref log-probs when needed -> mu epochs
-of packed micro-batches through the fused LM-head loss -> AdamW -> push weights to
-the engine. Everything random in a step derives from (seed, step), so a resumed
+Per step: sample prompts -> G completions each (vLLM or HF generate) -> rewards
+(overlong shaping; with ``--filter_groups``, equal-reward groups dropped and more
+prompts sampled) -> group advantages (Kalman by default) -> old/ref log-probs when
+needed, rollout-correction weights when the engine is not the policy -> mu epochs of
+packed micro-batches through the fused LM-head loss -> AdamW -> push weights to the
+engine. Everything random in a step derives from (seed, step), so a resumed
 run repeats what the uninterrupted run would have done.
 
 Every setting, the model, the data and the run directory are checked before the run
@@ -15,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -60,6 +63,7 @@ from krpo_fast.rollout import (
     greedy_correct,
     resolve_backend,
 )
+from krpo_fast.rollout_correction import rollout_correction
 from krpo_fast.run_dir import (
     METRICS_FILE,
     SUMMARY_FILE,
@@ -316,6 +320,7 @@ def check_loss_settings(cfg: TrainConfig) -> None:
             beta=cfg.beta,
             loss_agg=cfg.loss_agg,
             max_len=cfg.max_new_tokens,
+            **cfg.loss_options(),
         )
     except ValueError as e:
         raise ValueError(f"a setting the loss rejects: {e}") from None
@@ -424,28 +429,31 @@ def backward_micro_batches(
     old_logp: list[torch.Tensor | None],
     ref_logp: list[torch.Tensor | None],
     spread: GradientSpread | None = None,
+    token_weights: list[torch.Tensor | None] | None = None,
 ) -> tuple[dict[str, list[float]], bool]:
     """Forward and backward of one accumulation group through ``model`` (a
     :class:`PolicyLoss`, maybe wrapped in DDP/FSDP2); gradients sync once, on the last.
 
     Each micro-batch loss is weighted by its share of the group's sequences, so the
     accumulated gradient is that of the group's mean loss. Returns the finite losses'
-    metrics and whether every loss was finite.
+    metrics (the loss and every scalar metric of the op) and whether every loss was finite.
     """
     n_seqs = sum(len(a) for a in advantages)
     stats: dict[str, list[float]] = {"loss": [], "kl": [], "clip_fraction": []}
     finite = True
     for k, batch in enumerate(batches):
         weight = len(advantages[k]) / n_seqs
+        weights = token_weights[k] if token_weights is not None else None
         with distributed.no_grad_sync(model, k + 1 < len(batches)):
-            loss, metrics = model(batch, advantages[k], old_logp[k], ref_logp[k])
+            loss, metrics = model(batch, advantages[k], old_logp[k], ref_logp[k], weights)
             # A non-finite loss is back-propagated too: every rank must join the gradient
             # sync, and the NaN it spreads makes every rank skip the update together.
             (loss * weight).backward()
         if torch.isfinite(loss):
             stats["loss"].append(loss.item())
-            stats["kl"].append(metrics["kl"].item())
-            stats["clip_fraction"].append(metrics["clip_fraction"].item())
+            for key, value in metrics.items():
+                if value.numel() == 1:
+                    stats.setdefault(key, []).append(value.item())
             if spread is not None:
                 spread.add(weight)
         else:
@@ -556,6 +564,7 @@ def start_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, loc
         loss_agg=cfg.loss_agg,
         max_len=cfg.max_new_tokens,
         autocast=autocast,
+        **cfg.loss_options(),
     )
     start_weights = resume_from if state is not None else inputs.model_path
     policy = load_model(start_weights, device, True, cfg.gradient_checkpointing)
@@ -672,6 +681,146 @@ def settings_on_resume(
     return dataclasses.replace(cfg, **{n: saved[n] for n in kept})
 
 
+@dataclass
+class Rollouts:
+    """One step's groups on this rank: prompts, completions, rewards, and how many
+    sampling rounds and dropped groups it took to fill the batch."""
+
+    picks: list[int]  # training rows, one per group
+    completion_ids: list[list[int]]  # G per group, group after group
+    sampler_logprobs: list[list[float]] | None  # the engine's (None: it is the policy)
+    rewards: torch.Tensor  # what the advantages see: shaped, and noisy when asked
+    clean_rewards: torch.Tensor  # before the reward noise
+    correct: torch.Tensor  # exact-match correctness, 1.0 or 0.0
+    overlong: int  # completions the overlong shaping penalised
+    rounds: int
+    groups_filtered: int  # equal-reward groups dropped
+    groups_topped_up: int  # equal-reward groups kept because the rounds ran out
+
+
+class _Group(NamedTuple):
+    pick: int
+    completions: list[list[int]]
+    logprobs: list[list[float]] | None
+    rewards: torch.Tensor
+    clean_rewards: torch.Tensor
+    correct: torch.Tensor
+
+
+def overlong_shaping(
+    lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to ``max_new_tokens - buffer`` tokens, then
+    down linearly to ``-penalty`` at ``max_new_tokens``."""
+    if buffer == 0:
+        return torch.zeros_like(lengths)
+    return -(lengths - (max_new_tokens - buffer)).clamp(min=0) / buffer * penalty
+
+
+def sample_rollouts(run: Run, step: int) -> Rollouts:
+    """Sample, score and (with ``--filter_groups``) filter this rank's groups of ``step``.
+
+    Round 0 draws the step's prompts (every rank draws the same global prompts and keeps
+    its share); each further round draws new ones, until the batch holds
+    ``prompts_per_step`` groups whose rewards differ or ``--max_generation_rounds`` ran
+    out, when dropped groups top it up. Everything derives from (seed, step, round).
+    """
+    cfg, generator, train = run.cfg, run.generator, run.inputs.train
+    G, P = cfg.group_size, cfg.prompts_per_step
+    want = P // run.world
+    scored = cfg.rollout_correction != "none" and not generator.samples_from_policy
+    kept: list[_Group] = []
+    dropped: list[_Group] = []
+    rounds = filtered = overlong = 0
+    while len(kept) < want and rounds < (cfg.max_generation_rounds if cfg.filter_groups else 1):
+        rng = np.random.default_rng([cfg.seed, step] + ([rounds] if rounds else []))
+        picks = rng.choice(len(train.rows), size=P, replace=P > len(train.rows)).tolist()
+        picks = picks[run.rank * want : (run.rank + 1) * want]
+        round_seed = _sample_seed(cfg.seed, step) + 104_729 * rounds
+        seed = round_seed + 7_777 * run.rank
+        logprobs: list[list[float]] | None = [] if scored else None
+        completions = generator.generate(
+            [train.ids[i] for i in picks],
+            G,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.max_new_tokens,
+            seed,
+            logprobs,
+        )
+        texts = run.inputs.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        prompts = [train.texts[i] for i in picks for _ in range(G)]
+        answers = [train.rows[i]["answer"] for i in picks for _ in range(G)]
+        lengths = torch.tensor([float(len(c)) for c in completions])
+        shaping = overlong_shaping(
+            lengths, cfg.max_new_tokens, cfg.overlong_buffer_len, cfg.overlong_penalty
+        )
+        clean = torch.tensor(compute_rewards(run.reward_fn, prompts, texts, answers)) + shaping
+        overlong += int((shaping < 0).sum())
+        rewards = clean
+        if cfg.reward_noise or cfg.reward_flip_rate:
+            noise_rng = torch.Generator().manual_seed(round_seed + 17 + run.rank)
+            rewards = add_reward_noise(clean, cfg.reward_noise, cfg.reward_flip_rate, noise_rng)
+        correct = torch.tensor(exact_match_reward(prompts, texts, answers))
+        for g, pick in enumerate(picks):
+            rows = slice(g * G, (g + 1) * G)
+            group = _Group(
+                pick,
+                completions[rows],
+                logprobs[rows] if logprobs is not None else None,
+                rewards[rows],
+                clean[rows],
+                correct[rows],
+            )
+            equal = bool(rewards[rows].max() == rewards[rows].min())
+            (dropped if cfg.filter_groups and equal else kept).append(group)
+            filtered += int(cfg.filter_groups and equal)
+        rounds += 1
+    topped_up = max(0, want - len(kept))
+    kept = (kept + dropped[:topped_up])[:want]
+    return Rollouts(
+        picks=[g.pick for g in kept],
+        completion_ids=[c for g in kept for c in g.completions],
+        sampler_logprobs=[lp for g in kept for lp in g.logprobs] if scored else None,
+        rewards=torch.cat([g.rewards for g in kept]),
+        clean_rewards=torch.cat([g.clean_rewards for g in kept]),
+        correct=torch.cat([g.correct for g in kept]),
+        overlong=overlong,
+        rounds=rounds,
+        groups_filtered=filtered,
+        groups_topped_up=topped_up,
+    )
+
+
+def correction_weights(
+    cfg: TrainConfig,
+    rollout_logp: list[torch.Tensor],
+    sampler_logprobs: list[list[float]],
+    chunks: list[range],
+    packed: list[PackedBatch],
+) -> tuple[list[torch.Tensor], dict[str, list[float]]]:
+    """Per micro-batch, the ``--rollout_correction`` weights of the trainer's rollout-time
+    log-probs against the engine's, and their metrics (one value per micro-batch)."""
+    weights, metrics = [], {}
+    for logp, rows, batch in zip(rollout_logp, chunks, packed, strict=True):
+        sampler = torch.full_like(logp, math.nan)
+        for i, row in enumerate(rows):
+            values = sampler_logprobs[row]
+            sampler[i, : len(values)] = torch.tensor(values, dtype=logp.dtype)
+        w, m = rollout_correction(
+            logp,
+            sampler,
+            batch.mask,
+            mode=cfg.rollout_correction,
+            clip_min=cfg.rollout_clip_min or None,
+            clip_max=cfg.rollout_clip_max or None,
+        )
+        weights.append(w)
+        for key in ("weight_mean", "weight_min", "weight_max", "clipped_fraction", "mismatch_kl"):
+            metrics.setdefault(key, []).append(m[key].item())
+    return weights, metrics
+
+
 def _train(run: Run, started: float) -> dict[str, Any]:
     """The loop: rollouts, rewards, advantages, updates, metrics, checkpoints, per step."""
     cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
@@ -720,29 +869,11 @@ def _train(run: Run, started: float) -> dict[str, Any]:
     for step in bar:
         run.current_step = step + 1
         t0 = time.perf_counter()
-        # --- rollouts: every rank draws the same global prompts and keeps its share
-        rng = np.random.default_rng([cfg.seed, step])
-        picks = rng.choice(len(train.rows), size=P, replace=P > len(train.rows)).tolist()
-        picks = picks[rank * local_prompts : (rank + 1) * local_prompts]
-        prompt_ids = [train.ids[i] for i in picks]
-        completion_ids = generator.generate(
-            prompt_ids,
-            G,
-            cfg.temperature,
-            cfg.top_p,
-            cfg.max_new_tokens,
-            _sample_seed(cfg.seed, step) + 7_777 * rank,
-        )
+        # --- rollouts and rewards (more rounds when --filter_groups drops groups)
+        rollouts = sample_rollouts(run, step)
+        prompt_ids = [train.ids[i] for i in rollouts.picks]
+        completion_ids, rewards = rollouts.completion_ids, rollouts.rewards
         t_gen = time.perf_counter() - t0
-        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        prompts = [train.texts[i] for i in picks for _ in range(G)]
-        answers = [train.rows[i]["answer"] for i in picks for _ in range(G)]
-        rewards = torch.tensor(compute_rewards(run.reward_fn, prompts, texts, answers))
-        clean_rewards = rewards
-        if cfg.reward_noise or cfg.reward_flip_rate:
-            noise_rng = torch.Generator().manual_seed(_sample_seed(cfg.seed, step) + 17 + rank)
-            rewards = add_reward_noise(rewards, cfg.reward_noise, cfg.reward_flip_rate, noise_rng)
-        correct = torch.tensor(exact_match_reward(prompts, texts, answers))
         advantages = group_advantages(
             rewards.to(device),
             group_size=G,
@@ -764,10 +895,20 @@ def _train(run: Run, started: float) -> dict[str, Any]:
             for c in chunks
         ]
         adv = [advantages[c.start : c.stop] for c in chunks]
+        sampler = rollouts.sampler_logprobs
         with torch.no_grad():
-            # On-policy with one epoch: the ratio is 1, the op takes old_logp=None.
-            old = [model(p) if cfg.epochs_per_step > 1 else None for p in packed]
+            # The trainer's log-probs at rollout time: for mu > 1 epochs, and to compare
+            # with the engine's. On-policy with one epoch the ratio is 1: old_logp=None.
+            rollout_logp = [
+                model(p) if cfg.epochs_per_step > 1 or sampler is not None else None for p in packed
+            ]
+            old = rollout_logp if cfg.epochs_per_step > 1 else [None] * len(packed)
             ref_lp = [ref(p) if ref is not None else None for p in packed]
+        token_weights, correction = None, None
+        if sampler is not None:
+            token_weights, correction = correction_weights(
+                cfg, rollout_logp, sampler, chunks, packed
+            )
         stats: dict[str, list[float]] = {"loss": [], "kl": [], "clip_fraction": []}
         norms, spreads, skipped = [], [], 0
         for _ in range(cfg.epochs_per_step):
@@ -779,9 +920,10 @@ def _train(run: Run, started: float) -> dict[str, Any]:
                     [old[k] for k in group],
                     [ref_lp[k] for k in group],
                     spread,
+                    [token_weights[k] for k in group] if token_weights is not None else None,
                 )
                 for key, values in part.items():
-                    stats[key] += values
+                    stats.setdefault(key, []).extend(values)
                 if spread is not None and (result := spread.finish()) is not None:
                     spreads.append(result)
                 norm = torch.nn.utils.clip_grad_norm_(
@@ -805,10 +947,12 @@ def _train(run: Run, started: float) -> dict[str, Any]:
             cfg,
             step,
             rewards=rewards,
-            clean_rewards=clean_rewards,
+            clean_rewards=rollouts.clean_rewards,
             advantages=advantages,
-            correct=correct,
+            correct=rollouts.correct,
             completion_ids=completion_ids,
+            rollouts=rollouts,
+            correction=correction,
             train_tokens=cfg.epochs_per_step * sum(p.sequence_tokens for p in packed),
             stats=stats,
             norms=norms,
@@ -887,6 +1031,8 @@ def step_metrics(
     advantages: torch.Tensor,
     correct: torch.Tensor,
     completion_ids: list[list[int]],
+    rollouts: Rollouts | None = None,
+    correction: dict[str, list[float]] | None = None,
     train_tokens: int,
     stats: dict[str, list[float]],
     norms: list[float],
@@ -928,6 +1074,10 @@ def step_metrics(
         "kl": _global_mean(stats["kl"]),
         "clip_fraction": _global_mean(stats["clip_fraction"]),
         "loss": _global_mean(stats["loss"]),
+        # The op's other metrics (ratio_mean, clip_fraction_low/high, entropy, ...).
+        **{
+            k: _global_mean(v) for k, v in stats.items() if k not in ("kl", "clip_fraction", "loss")
+        },
         "grad_norm": _mean(norms),
         "lr": lr,
         "skipped_updates": skipped,
@@ -938,6 +1088,26 @@ def step_metrics(
     }
     if cfg.reward_noise or cfg.reward_flip_rate:
         row["reward_clean_mean"] = clean_sum / B
+    if correction is not None:  # the rollout/trainer mismatch and its importance weights
+        row["is_weight_mean"] = _global_mean(correction["weight_mean"])
+        row["is_weight_min"] = -_global_max([-v for v in correction["weight_min"]])
+        row["is_weight_max"] = _global_max(correction["weight_max"])
+        row[
+            "is_masked_fraction"
+            if cfg.rollout_correction.endswith("mask")
+            else "is_truncated_fraction"
+        ] = _global_mean(correction["clipped_fraction"])
+        row["mismatch_kl"] = _global_mean(correction["mismatch_kl"])
+    if rollouts is not None and cfg.filter_groups:
+        counts = distributed.all_reduce(
+            torch.tensor([rollouts.groups_filtered, rollouts.groups_topped_up], dtype=torch.float64)
+        )
+        row["groups_filtered"] = int(counts[0])
+        row["groups_topped_up"] = int(counts[1])
+        row["generation_rounds"] = int(_global_max([rollouts.rounds]))
+    if rollouts is not None and cfg.overlong_buffer_len:
+        total = distributed.all_reduce(torch.tensor([float(rollouts.overlong)]))
+        row["overlong_penalised"] = int(total.item())
     if spreads is not None:
         row["grad_var"] = _global_mean([v for v, _ in spreads])
         row["grad_mean_sq"] = _global_mean([m for _, m in spreads])
@@ -980,6 +1150,11 @@ def _global_mean(values: list[float]) -> float | None:
     """Mean of every rank's ``values`` together (None when all are empty)."""
     total = distributed.all_reduce(torch.tensor([sum(values), len(values)], dtype=torch.float64))
     return total[0].item() / total[1].item() if total[1] else None
+
+
+def _global_max(values: list[float]) -> float:
+    """Largest of every rank's ``values``."""
+    return distributed.all_reduce(torch.tensor([max(values)], dtype=torch.float64), "max").item()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -143,6 +143,7 @@ def test_gradient_spread_matches_direct_computation():
 def test_noise_eval_steps_and_grad_variance_are_logged(tmp_path):
     args = [*TINY, "--max_steps", "3", "--eval_steps", "2", "--generation_backend", "hf"]
     noisy = ["--reward_noise", "0.2", "--reward_flip_rate", "0.3", "--log_grad_variance"]
+    noisy += ["--micro_batch_size", "4"]  # the spread needs two micro-batches per step
     assert main(["train", *args, *noisy, "--output_dir", str(tmp_path / "a")]) == 0
     rows = _rows(tmp_path / "a")
     assert [("eval_accuracy" in r) for r in rows] == [False, True, True]
