@@ -122,10 +122,141 @@ def test_trl_training_uses_fused_ops(tmp_path, monkeypatch, loss_type, beta, num
 
 
 def test_trl_unsupported_options_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="loss_type='cispo'"):
-        _make_trainer(tmp_path, loss_type="cispo")
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        _make_trainer(tmp_path, loss_type="grpo", top_entropy_quantile=0.5)
+    with pytest.raises(ValueError, match="loss_type='vespo': another per-token objective"):
+        _make_trainer(tmp_path, loss_type="vespo")
+    with pytest.raises(ValueError, match="use_adaptive_entropy: its controller"):
+        _make_trainer(tmp_path, loss_type="grpo", use_adaptive_entropy=True)
+
+
+# --- loss and gradients against TRL's own _compute_loss on the same batch
+
+B, T, MAX_COMPLETION = 7, 6, 9
+
+
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    """Ragged rows (one empty), ratios spread enough for every clip and mask to act,
+    both signs of advantages, engine log-probs with a NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([6, 1, 4, 0, 5, 3, 6])
+    mask = (torch.arange(T) < lengths.unsqueeze(1)).long()
+    old = -torch.rand(B, T, generator=gen) * 2 - 0.05
+    sampler = old + torch.randn(B, T, generator=gen) * 0.15
+    sampler[2, 1] = float("nan")
+    return {
+        "logp": old + torch.randn(B, T, generator=gen) * 0.35,
+        "old": old,
+        "ref": old + torch.randn(B, T, generator=gen) * 0.3,
+        "sampler": sampler,
+        "advantages": torch.randn(B, generator=gen),
+        "mask": mask,
+        "entropy_scale": torch.rand(B, T, generator=gen) * 3,
+    }
+
+
+def _parity_trainer(cls, tmp_path, **config):
+    from trl import GRPOConfig
+
+    path = bundled_model_path()
+    trainer = cls(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        reward_funcs=_digit_reward,
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=B,
+            num_generations=B,
+            max_completion_length=MAX_COMPLETION,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            **config,
+        ),
+        train_dataset=Dataset.from_dict({"prompt": ["Q:1+1=\nA:"] * B}),
+        processing_class=AutoTokenizer.from_pretrained(path),
+    )
+    trainer.model.train()  # set by TRL's loop: a training step without accumulation
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def _loss_and_grad(trainer, data, is_ratio):
+    """``trainer._compute_loss`` with its model forward replaced by a leaf of log-probs
+    (and entropies that depend on it, so the entropy bonus has a gradient too)."""
+    leaf = data["logp"].clone().requires_grad_(True)
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (
+        leaf,
+        data["entropy_scale"] * torch.sigmoid(leaf),
+        None,
+    )
+    mask = data["mask"]
+    inputs = {
+        "prompt_ids": torch.ones(B, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "completion_ids": torch.ones(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": data["advantages"],
+        "old_per_token_logps": data["old"],
+        "ref_per_token_logps": data["ref"],
+        "sampling_per_token_logps": data["sampler"],
+        "num_items_in_batch": mask.sum(),
+    }
+    if is_ratio is not None:  # TRL's vLLM correction: the loss reads the flag and the ratio
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        inputs["importance_sampling_ratio"] = is_ratio
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+PARITY_CASES = {
+    "cispo": {"loss_type": "cispo", "epsilon_high": 1.15},
+    "sapo": {"loss_type": "sapo", "sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.4},
+    "gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+    "gspo-dapo": {"loss_type": "dapo", "importance_sampling_level": "sequence"},
+    "delta": {"loss_type": "grpo", "delta": 1.3},
+    "top-entropy": {"loss_type": "bnpo", "top_entropy_quantile": 0.4},
+    "off-policy": {"loss_type": "grpo", "off_policy_mask_threshold": 0.02},
+    "entropy-bonus": {"loss_type": "grpo", "entropy_coef": 0.05},
+    "entropy-bonus-masked": {
+        "loss_type": "dr_grpo",
+        "entropy_coef": 0.05,
+        "top_entropy_quantile": 0.5,
+    },
+    "vllm-is-token": {"loss_type": "grpo", "vllm_importance_sampling_mode": "token_truncate"},
+    "vllm-is-sequence": {"loss_type": "sapo", "vllm_importance_sampling_mode": "sequence_mask"},
+}
+
+
+@pytest.mark.parametrize("kl", ["none", "k3", "bias-corrected"])
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_fused_loss_matches_trl_compute_loss(tmp_path, case, kl):
+    from trl import GRPOTrainer
+
+    from krpo_fast import rollout_correction
+
+    config = dict(PARITY_CASES[case])
+    config["beta"] = 0.0 if kl == "none" else 0.04
+    config["use_bias_correction_kl"] = kl == "bias-corrected"
+    data = _batch(list(PARITY_CASES).index(case))
+    is_ratio = None
+    if "vllm_importance_sampling_mode" in config:
+        weights, _ = rollout_correction(
+            data["old"],
+            data["sampler"],
+            data["mask"],
+            mode=config["vllm_importance_sampling_mode"],
+            clip_min=0.8,
+            clip_max=1.2,
+        )
+        assert 0 < (weights != 1).float().mean() < 1, "the correction should act on some rows"
+        is_ratio = weights if weights.dim() == 2 else weights.unsqueeze(-1)
+
+    theirs = _loss_and_grad(_parity_trainer(GRPOTrainer, tmp_path, **config), data, is_ratio)
+    ours = _loss_and_grad(
+        _parity_trainer(krpo_trl.KRPOGRPOTrainer, tmp_path, **config), data, is_ratio
+    )
+    assert theirs[1].abs().sum() > 0
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-6)
 
 
 def test_trl_unscorable_completions_leave_the_filter(tmp_path):

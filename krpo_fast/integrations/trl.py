@@ -17,33 +17,47 @@ What changes against ``GRPOTrainer``:
   group never depends on how completions were spread over ranks; each process keeps its
   slice. Completions that every reward function scored ``None`` are left out of their
   group's filter and get advantage 0 (TRL's rule).
-- Loss: ``krpo_fast.policy_loss`` (the fused clipped loss with k3 KL) on TRL's per-token
-  log-probs, with ``epsilon``/``epsilon_high`` as the clip range and ``beta`` as the KL
-  weight. TRL loss types map to krpo-fast aggregations as follows:
+- Loss: ``krpo_fast.policy_loss`` (the fused loss family, docs/loss_family.md) on TRL's
+  per-token log-probs, with ``epsilon``/``epsilon_high`` as the clip range (for
+  ``cispo``, ``epsilon_high`` is the cap, as in TRL) and ``beta`` as the KL weight. TRL
+  loss types map to krpo-fast's ``loss_type`` and aggregation as follows:
 
-  ============  ============================  =====================================
-  loss_type     krpo-fast ``loss_agg``         scaling applied afterwards
-  ============  ============================  =====================================
-  ``grpo``      ``seq-mean-token-mean``        / gradient accumulation steps
-  ``bnpo``      ``token-mean``                 / gradient accumulation steps
-  ``dr_grpo``   ``seq-mean-token-sum-norm``    ``max_len = max_completion_length``,
-                                               / gradient accumulation steps
-  ``dapo``      ``token-mean``                 x local tokens / TRL's global token
-                                               normaliser (as TRL's ``dapo``)
-  ============  ============================  =====================================
+  ============  =========  ============================  ===============================
+  TRL           krpo-fast  krpo-fast ``loss_agg``         scaling applied afterwards
+  ============  =========  ============================  ===============================
+  ``grpo``      clip       ``seq-mean-token-mean``        / gradient accumulation steps
+  ``bnpo``      clip       ``token-mean``                 / gradient accumulation steps
+  ``dr_grpo``   clip       ``seq-mean-token-sum-norm``    ``max_len =
+                                                          max_completion_length``,
+                                                          / gradient accumulation steps
+  ``dapo``      clip       ``token-mean``                 x local tokens / TRL's global
+                                                          token normaliser (TRL's)
+  ``cispo``     cispo      ``token-mean``                 as ``dapo``
+  ``sapo``      sapo       ``seq-mean-token-mean``        / gradient accumulation steps
+  ============  =========  ============================  ===============================
 
-  ``cispo``, ``sapo``, ``luspo`` and ``vespo`` use other per-token objectives and are
-  rejected, as are the options that reweight tokens outside the fused loss
-  (sequence-level importance sampling, ``delta``, ``top_entropy_quantile < 1``,
-  ``off_policy_mask_threshold``, ``use_bias_correction_kl`` with ``beta != 0`` (TRL's
-  default is True; :class:`KRPOConfig` defaults it to False), the entropy bonus, vLLM
-  importance-sampling correction) and ``multi_objective_aggregation="normalize_then_sum"``.
+  TRL's options become the op's keywords: ``importance_sampling_level`` ->
+  ``ratio_level`` (GSPO), ``delta``, ``sapo_temperature_pos/neg`` -> ``tau_pos/neg``,
+  ``use_bias_correction_kl`` (TRL's default is True; :class:`KRPOConfig` keeps the
+  paper's False) -> ``bias_correction_kl``. The token masks and weights TRL multiplies
+  into its per-token policy loss go into the op's ``token_weights`` (their product):
+  ``top_entropy_quantile < 1`` (TRL's ``get_high_entropy_mask`` on the entropies of
+  TRL's forward), ``off_policy_mask_threshold`` (TRL's ``get_off_policy_mask``) and,
+  with ``use_vllm``, ``vllm_importance_sampling_correction`` (the ratio TRL computes in
+  every ``vllm_importance_sampling_mode``). A static ``entropy_coef`` subtracts TRL's
+  entropy bonus (mean entropy over the tokens the entropy mask keeps). Loss and
+  gradients equal TRL's own ``_compute_loss`` (tests/test_integration_trl.py).
+
+  Rejected with the reason: ``luspo`` and ``vespo`` (other objectives),
+  ``use_adaptive_entropy`` (a controller outside the loss),
+  ``multi_objective_aggregation="normalize_then_sum"``.
 - ``KRPOConfig(shared_prefix=True)``: the policy, old and reference per-token log-probs
   come from ``krpo_fast.sequence_logprobs``, which forwards each prompt once per group
   (same values; see ``docs/shared_prefix.md``).
 - Metrics added to TRL's logs: ``krpo/advantages/{mean,std,abs_max}``, ``kl`` (when
-  ``beta != 0``) and ``clip_ratio/region_mean`` (krpo-fast's clip fraction: the share of
-  tokens whose gradient the clip removes, TRL's definition of that metric).
+  ``beta != 0``; before any bias correction), ``clip_ratio/{low,high,region}_mean``
+  (clip losses; token means, also with sequence-level ratios), ``cispo_clip_ratio``
+  (cispo) and ``entropy`` (when TRL's forward computed entropies).
 """
 
 from __future__ import annotations
@@ -67,7 +81,11 @@ LOSS_TYPE_TO_AGG = {
     "bnpo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
     "dapo": "token-mean",
+    "cispo": "token-mean",
+    "sapo": "seq-mean-token-mean",
 }
+# TRL's loss types normalised by the generation batch's token count (num_items_in_batch).
+_GLOBAL_TOKEN_NORMALISED = ("dapo", "cispo")
 
 # Extra model inputs TRL forwards for multimodal models; passed through unchanged.
 _FORWARD_KEYS = (
@@ -110,9 +128,10 @@ class KRPOConfig(GRPOConfig):
     adv_eps: float = field(
         default=defaults.ADV_EPS, metadata={"help": "Added to sqrt(P) or the std."}
     )
-    # The fused loss is the paper's k3 KL, without TRL's importance-weighted KL.
+    # The paper's k3 KL by default; TRL's GRPOConfig turns the correction on.
     use_bias_correction_kl: bool = field(
-        default=False, metadata={"help": "Not supported by the fused loss; must stay False."}
+        default=False,
+        metadata={"help": "Multiply the KL term by the importance ratio (TRL's default: True)."},
     )
     shared_prefix: bool = field(
         default=False,
@@ -129,22 +148,14 @@ def _unsupported_options(args: GRPOConfig, trainer: GRPOTrainer) -> list[str]:
     problems = []
     if args.loss_type not in LOSS_TYPE_TO_AGG:
         problems.append(
-            f"loss_type={args.loss_type!r} (supported: {', '.join(sorted(LOSS_TYPE_TO_AGG))})"
+            f"loss_type={args.loss_type!r}: another per-token objective than the fused "
+            f"loss family (supported: {', '.join(sorted(LOSS_TYPE_TO_AGG))})"
         )
-    if args.importance_sampling_level != "token":
-        problems.append(f"importance_sampling_level={args.importance_sampling_level!r}")
-    if args.delta is not None:
-        problems.append("delta (two-sided clipping)")
-    if args.top_entropy_quantile < 1.0:
-        problems.append("top_entropy_quantile < 1")
-    if args.off_policy_mask_threshold is not None:
-        problems.append("off_policy_mask_threshold")
-    if args.use_bias_correction_kl and args.beta != 0.0:
-        problems.append("use_bias_correction_kl with beta != 0 (set it to False)")
-    if trainer._entropy_bonus_enabled:
-        problems.append("entropy_coef / use_adaptive_entropy (entropy bonus)")
-    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
-        problems.append("vllm_importance_sampling_correction (set it to False)")
+    if args.use_adaptive_entropy:
+        problems.append(
+            "use_adaptive_entropy: its controller runs outside the loss (a static "
+            "entropy_coef is supported)"
+        )
     if args.multi_objective_aggregation != "sum_then_normalize":
         problems.append(f"multi_objective_aggregation={args.multi_objective_aggregation!r}")
     if getattr(args, "adv_mode", defaults.ADV_MODE) not in ADVANTAGE_MODES:
@@ -304,19 +315,31 @@ class KRPOGRPOTrainer(GRPOTrainer):
             completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         )
 
-        per_token_logps, _, aux_loss = self._get_per_token_logps_and_entropies(
+        # Entropies only when a mask or the bonus reads them (the shared-prefix path has none).
+        needs_entropy = self.top_entropy_quantile < 1.0 or self._entropy_bonus_enabled
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
             attention_mask,
             completion_ids.size(1),
-            compute_entropy=False,
+            compute_entropy=needs_entropy,
             compute_aux_loss=self.aux_loss_enabled,
             **{key: inputs.get(key) for key in _FORWARD_KEYS},
         )
+        old_logps = inputs.get("old_per_token_logps")
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(
+                entropies, mask, 1 - self.top_entropy_quantile
+            )
+        token_weights = self._krpo_token_weights(
+            inputs, per_token_logps, old_logps, mask, entropy_mask
+        )
         loss_agg = LOSS_TYPE_TO_AGG[self.loss_type]
+        clip = self.loss_type not in ("cispo", "sapo")
         loss, stats = policy_loss(
             per_token_logps,
-            inputs.get("old_per_token_logps"),
+            old_logps,
             inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             inputs["advantages"],
             mask,
@@ -325,12 +348,19 @@ class KRPOGRPOTrainer(GRPOTrainer):
             beta=self.beta,
             loss_agg=loss_agg,
             max_len=self.max_completion_length if loss_agg == "seq-mean-token-sum-norm" else None,
+            loss_type="clip" if clip else self.loss_type,
+            ratio_level=self.importance_sampling_level,
+            delta=self.args.delta if clip else None,  # TRL applies delta to the clip only
+            tau_pos=self.args.sapo_temperature_pos,
+            tau_neg=self.args.sapo_temperature_neg,
+            bias_correction_kl=bool(self.args.use_bias_correction_kl) and self.beta != 0.0,
+            token_weights=token_weights,
         )
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type == "dapo":
-            # TRL's dapo divides the token sum by the global token count of the
+        if self.loss_type in _GLOBAL_TOKEN_NORMALISED:
+            # TRL's dapo and cispo divide the token sum by the global token count of the
             # accumulation window: undo the local token mean, then apply that normaliser.
             normalizer = (
                 inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -340,15 +370,70 @@ class KRPOGRPOTrainer(GRPOTrainer):
             loss = loss * mask.sum() / normalizer
         else:
             loss = loss / accumulation
+        metrics = self._metrics[mode]
+        if self._entropy_bonus_enabled:
+            # TRL's bonus: the mean entropy over the tokens the entropy mask keeps.
+            metrics["policy_loss"].append(self.accelerator.gather(loss.detach()).nanmean().item())
+            kept = mask if entropy_mask is None else mask * entropy_mask
+            mean_entropy = (entropies * kept).sum() / kept.sum().clamp(min=1.0)
+            loss = loss - self.entropy_coef * mean_entropy / accumulation
+            if mode == "train" and self.accelerator.sync_gradients:
+                metrics["entropy_coef"].append(self.entropy_coef)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(aux_loss).mean().item()
             )
 
-        metrics = self._metrics[mode]
+        def global_mean(value: torch.Tensor) -> float:
+            return self.accelerator.gather(value).mean().item()
+
         if self.beta != 0.0:
-            metrics["kl"].append(self.accelerator.gather(stats["kl"]).mean().item())
-        clip_fraction = self.accelerator.gather(stats["clip_fraction"]).mean().item()
-        metrics["clip_ratio/region_mean"].append(clip_fraction)
+            metrics["kl"].append(global_mean(stats["kl"]))
+        if entropies is not None:
+            masked = mask.to(entropies.dtype)
+            metrics["entropy"].append(
+                global_mean((entropies * masked).sum() / masked.sum().clamp(min=1.0))
+            )
+        if clip:
+            metrics["clip_ratio/region_mean"].append(global_mean(stats["clip_fraction"]))
+            for name in ("low", "high"):  # the paper's loss path returns the region only
+                if f"clip_fraction_{name}" in stats:
+                    value = global_mean(stats[f"clip_fraction_{name}"])
+                    metrics[f"clip_ratio/{name}_mean"].append(value)
+        elif self.loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(global_mean(stats["clip_fraction_high"]))
         return loss
+
+    def _krpo_token_weights(
+        self,
+        inputs: dict[str, Any],
+        per_token_logps: torch.Tensor,
+        old_logps: torch.Tensor | None,
+        mask: torch.Tensor,
+        entropy_mask: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The product of the masks and weights TRL multiplies into its per-token policy
+        loss: [B, T], [B] when all are per row, None when there are none."""
+        factors = [] if entropy_mask is None else [entropy_mask]
+        if self.off_policy_mask_threshold is not None:
+            # TRL's choice: the engine's log-probs, else the rollout-time ones.
+            rollout = per_token_logps.detach() if old_logps is None else old_logps
+            factors.append(
+                self.get_off_policy_mask(
+                    inputs["advantages"].unsqueeze(-1),
+                    per_token_logps,
+                    inputs.get("sampling_per_token_logps", rollout),
+                    mask,
+                    self.off_policy_mask_threshold,
+                )
+            )
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = inputs["importance_sampling_ratio"]
+            factors.append(ratio if ratio.dim() == 2 else ratio.unsqueeze(-1))
+        if not factors:
+            return None
+        weights = factors[0].to(per_token_logps.dtype)
+        for factor in factors[1:]:
+            weights = weights * factor.to(per_token_logps.dtype)
+        return weights.squeeze(-1) if weights.shape[-1] == 1 else weights
