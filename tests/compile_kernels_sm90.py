@@ -95,6 +95,71 @@ def install_recorders() -> None:
     logits_ops.use_triton = lambda tensor: True
 
 
+def family_variants(n_rows: int, n_cols: int) -> list[dict]:
+    """Loss-family options that together take every switch of the token kernels."""
+    row_weights = torch.rand(n_rows)
+    token_weights = torch.rand(n_rows, n_cols)
+    return [
+        dict(ratio_level="sequence"),
+        dict(ratio_level="sequence", bias_correction_kl=True, token_weights=token_weights),
+        dict(loss_type="cispo", eps_high=5.0, token_weights=row_weights),
+        dict(loss_type="sapo", ratio_level="sequence", kl_estimator="k2"),
+        dict(delta=2.0, dual_clip=3.0, kl_estimator="k1", token_weights=token_weights),
+        dict(kl_estimator="low_var_kl", bias_correction_kl=True),
+        dict(token_weights=row_weights),
+    ]
+
+
+# Token-ratio members of the family and the entropy on the logits kernel ("weighted":
+# with token_weights).
+LOGITS_VARIANTS = [
+    dict(return_entropy=True),
+    dict(entropy_coef=0.01),
+    dict(weighted=True, entropy_coef=0.01),
+    dict(weighted=True, loss_type="cispo", eps_high=5.0, entropy_coef=0.01),
+    dict(loss_type="sapo", kl_estimator="k2", bias_correction_kl=True),
+    dict(weighted=True, delta=2.0, dual_clip=3.0, kl_estimator="low_var_kl", return_entropy=True),
+    dict(kl_estimator="k1"),
+    dict(weighted=True, ratio_level="sequence", entropy_coef=0.01),
+]
+
+
+def launch_family() -> None:
+    """The loss family: token kernels (policy_loss, krpo_loss), the logits kernel's
+    token-ratio variants, and sequence ratios from logits (log-softmax kernels around
+    the token kernel)."""
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(8, 40, dtype=torch.bool)
+    rewards = torch.rand(8, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        logp = -torch.rand(8, 40, generator=gen).to(dtype)
+        for options in family_variants(8, 40):
+            for old, ref, beta in ((logp, logp, 0.04), (None, None, 0.0)):
+                ops.policy_loss(logp, old, ref, rewards, mask, beta=beta, **options)
+                ops.krpo_loss(logp, old, ref, rewards, mask, group_size=4, beta=beta, **options)
+    for dtype in (torch.float32, torch.bfloat16):
+        for vocab in (1000, 151_936):
+            logits = torch.randn(2, 3, vocab, generator=gen).to(dtype).requires_grad_()
+            ids = torch.randint(0, vocab, (2, 3), generator=gen)
+            old, ref = -torch.rand(2, 3), -torch.rand(2, 3)
+            weights = torch.rand(2, 3)
+            for variant in LOGITS_VARIANTS:
+                options = {k: v for k, v in variant.items() if k != "weighted"}
+                if variant.get("weighted"):
+                    options["token_weights"] = weights
+                logits_ops.krpo_loss_from_logits(
+                    logits,
+                    ids,
+                    old,
+                    ref,
+                    torch.rand(2),
+                    torch.ones(2, 3, dtype=torch.bool),
+                    group_size=2,
+                    beta=0.04,
+                    **options,
+                )
+
+
 def launch_everything() -> None:
     gen = torch.Generator().manual_seed(0)
     offsets = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
@@ -156,5 +221,6 @@ def launch_everything() -> None:
 if __name__ == "__main__":
     install_recorders()
     launch_everything()
+    launch_family()
     print(f"compiled {len(seen)} kernel variants for sm_90")
     sys.exit(0 if seen else 1)
