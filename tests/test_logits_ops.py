@@ -7,6 +7,7 @@ vectorised torch fallback.
 
 import pytest
 import torch
+from helpers import device_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -248,9 +249,11 @@ def test_grad_output_scaling_and_no_grad(path):
 
 
 def test_kernel_writes_every_gradient_element():
-    """Poisoned buffers: masked rows get zeros, nothing is left unwritten."""
-    logits, ids, old, ref, mask, _ = make_batch(3, 4, 1000, seed=10, dtype=torch.bfloat16)
-    advantages = torch.tensor([1.0, -1.0, 0.5])
+    """Poisoned buffers: masked rows get zeros, nothing is left unwritten. The kernel
+    itself, on the kernel backend's device (CUDA when there is one)."""
+    batch = make_batch(3, 4, 1000, seed=10, dtype=torch.bfloat16)
+    logits, ids, old, ref, mask, _ = (t.to(device_for("kernel")) for t in batch)
+    advantages = torch.tensor([1.0, -1.0, 0.5], device=logits.device)
     setup = logits_ops._LossSetup(ids, old, ref, advantages, mask, 0.04, "token-mean", None)
     setup.loss_rows.fill_(float("nan"))
     setup.clip_rows.fill_(float("nan"))
@@ -278,8 +281,9 @@ def test_kernel_writes_every_gradient_element():
     for out in (grad, setup.loss_rows, setup.kl_rows, setup.clip_rows):
         assert not out.isnan().any()
     assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+    logits, ids, old, ref, mask, grad = (t.cpu() for t in (logits, ids, old, ref, mask, grad))
     _, _, ref_grad = oracle(
-        logits, ids, old, ref, advantages, mask, loss_agg="token-mean", beta=0.04
+        logits, ids, old, ref, advantages.cpu(), mask, loss_agg="token-mean", beta=0.04
     )
     assert_grad_close(grad, ref_grad, 1e-2)
 

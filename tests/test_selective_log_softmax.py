@@ -6,6 +6,7 @@ vectorised torch fallback.
 
 import pytest
 import torch
+from helpers import device_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -172,18 +173,26 @@ def test_strided_view_and_inplace_backward(path):
 
 
 def test_backward_kernel_writes_every_element():
+    # The kernels themselves, on the kernel backend's device (CUDA when there is one).
+    device = device_for("kernel")
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(3, 2, 1000, generator=gen).to(torch.bfloat16)
     ids = torch.randint(0, 1000, (6,), generator=gen)
-    logp, row_max, log_sum, entropy = (torch.full((6,), float("nan")) for _ in range(4))
-    selective_log_softmax_fwd(logits, ids, logp, row_max, log_sum, entropy, 1.1, True)
-    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
-    grad = torch.full_like(logits, float("nan"))
     g_logp, g_entropy = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
-    selective_log_softmax_bwd(logits, grad, ids, row_max, log_sum, entropy, g_logp, g_entropy, 1.1)
+    on_device = [t.to(device) for t in (logits, ids, g_logp, g_entropy)]
+    logits_d, ids_d, g_logp_d, g_entropy_d = on_device
+    logp, row_max, log_sum, entropy = (
+        torch.full((6,), float("nan"), device=device) for _ in range(4)
+    )
+    selective_log_softmax_fwd(logits_d, ids_d, logp, row_max, log_sum, entropy, 1.1, True)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    grad = torch.full_like(logits_d, float("nan"))
+    selective_log_softmax_bwd(
+        logits_d, grad, ids_d, row_max, log_sum, entropy, g_logp_d, g_entropy_d, 1.1
+    )
     assert not grad.isnan().any()
     _, _, ref_grad = oracle(logits.view(6, 1000), ids, 1.1, g_logp, g_entropy)
-    assert_grad_close(grad.view(6, 1000), ref_grad, 1e-2)
+    assert_grad_close(grad.cpu().view(6, 1000), ref_grad, 1e-2)
 
 
 def test_no_grad_and_empty():
