@@ -178,8 +178,107 @@ def test_verl_policy_loss_rejects_what_it_cannot_fuse():
     token_level = adv + torch.rand(adv.shape) * mask
     with pytest.raises(ValueError, match="one advantage per response"):
         fn(old, logp, token_level, mask, "token-mean", _actor_config(), None)
-    with pytest.raises(NotImplementedError, match="rollout importance weights"):
-        fn(old, logp, adv, mask, "token-mean", _actor_config(), torch.ones_like(logp))
+    with pytest.raises(ValueError, match="kl_loss_type 'k3\\+' is not fused"):
+        krpo_verl.compute_kl_loss_krpo_fused(logp, old, mask, "k3+")
+
+
+def _wide_inputs(seed: int):
+    """Ratios from 0.2 to 5 (verl's dual clip acts) and rollout-correction weights."""
+    old, _, adv, mask = _loss_inputs(seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    old = torch.where(mask, old, 0.0)
+    logp = old + torch.rand(mask.shape, generator=gen) * 3.2 - 1.6
+    is_weights = torch.where(mask, 0.5 + torch.rand(mask.shape, generator=gen), 0.0)
+    return old, logp, adv, mask, is_weights
+
+
+def _verl_actor_config(**overrides):
+    from verl.workers.config.actor import FSDPActorConfig
+
+    settings = {
+        "strategy": "fsdp",
+        "rollout_n": 1,
+        "ppo_micro_batch_size_per_gpu": 1,
+        "clip_ratio_low": 0.15,
+        "clip_ratio_high": 0.25,
+    }
+    return FSDPActorConfig(**{**settings, **overrides})
+
+
+def _both(name_ours, name_verl, old, logp, adv, mask, agg, config, weights):
+    results = []
+    for name in (name_ours, name_verl):
+        leaf = logp.clone().requires_grad_(True)
+        loss, metrics = get_policy_loss_fn(name)(
+            old_log_prob=old,
+            log_prob=leaf,
+            advantages=adv,
+            response_mask=mask,
+            loss_agg_mode=agg,
+            config=config,
+            rollout_is_weights=weights,
+        )
+        loss.backward()
+        results.append((loss.detach(), leaf.grad, metrics))
+    return results
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_verl_dual_clip_and_rollout_weights_match_vanilla(agg, with_weights):
+    old, logp, adv, mask, is_weights = _wide_inputs(6)
+    weights = is_weights if with_weights else None
+    config = _actor_config(dp_size=2, batch_num_tokens=60, global_batch_size=20)
+    config.clip_ratio_c = 2.5
+    ours, theirs = _both("krpo_fused", "vanilla", old, logp, adv, mask, agg, config, weights)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-7)
+    for key in ("actor/pg_clipfrac", "actor/pg_clipfrac_lower"):
+        assert ours[2][key] == pytest.approx(theirs[2][key], abs=1e-6), key
+    assert ours[2]["actor/pg_clipfrac_lower"] > 0  # the dual clip acts on these inputs
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_verl_gspo_matches_verls_gspo(agg, with_weights):
+    old, logp, adv, mask, is_weights = _wide_inputs(7)
+    logp = old + (logp - old) * 0.3  # sequence ratios inside verl's cap of e^10
+    # One weight per response (verl's rollout_is="sequence"). Weights varying within a
+    # response give the same loss but a different gradient: ours flows through the
+    # sequence ratio's mean (TRL's GSPO), verl's through each token's own ratio.
+    weights = torch.where(mask, is_weights[:, :1], 0.0) if with_weights else None
+    config = _verl_actor_config()
+    ours, theirs = _both("krpo_fused_gspo", "gspo", old, logp, adv, mask, agg, config, weights)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-7)
+    assert ours[2]["actor/pg_clipfrac"] == pytest.approx(theirs[2]["actor/pg_clipfrac"], abs=1e-6)
+    assert 0 < theirs[2]["actor/pg_clipfrac"] < 1
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("kl_loss_type", list(krpo_verl.KL_LOSS_TYPES))
+def test_verl_kl_loss_matches_kl_penalty(agg, kl_loss_type):
+    from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
+
+    _, logp, _, mask = _loss_inputs(8)
+    gen = torch.Generator().manual_seed(8)
+    ref = logp + torch.randn(mask.shape, generator=gen) * 2
+    ref[0, 0] = logp[0, 0] + 25.0  # low_var_kl's clamps act
+    config = _actor_config(dp_size=2, batch_num_tokens=60, global_batch_size=20)
+    results = []
+    for fused in (True, False):
+        leaf = logp.clone().requires_grad_(True)
+        if fused:
+            loss = krpo_verl.compute_kl_loss_krpo_fused(leaf, ref, mask, kl_loss_type, agg, config)
+        else:
+            kld = kl_penalty(logprob=leaf, ref_logprob=ref, kl_penalty=kl_loss_type)
+            loss = agg_loss(
+                loss_mat=kld, loss_mask=mask.float(), loss_agg_mode=agg, **config.global_batch_info
+            )
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
 
 
 def test_verl_register_is_idempotent():
@@ -187,6 +286,7 @@ def test_verl_register_is_idempotent():
     krpo_verl.register()
     assert get_adv_estimator_fn("krpo") is krpo_verl.compute_krpo_advantage
     assert get_policy_loss_fn("krpo_fused") is krpo_verl.compute_policy_loss_krpo_fused
+    assert get_policy_loss_fn("krpo_fused_gspo") is krpo_verl.compute_policy_loss_krpo_fused_gspo
 
 
 def test_verl_loads_the_plugin_through_its_entry_point(tmp_path):
