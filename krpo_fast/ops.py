@@ -417,7 +417,7 @@ def _policy_loss_torch(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy loss on validated CPU inputs (or float64 ones): float32 math, float64
     when any input is float64 (e.g. for gradcheck). The paper's loss runs the fast path
-    below; the rest of the family runs ``_family_loss_rows_torch`` eagerly."""
+    below; the rest of the family runs ``_family_loss_rows_torch``."""
     global _compiled_loss_rows
     inputs = [logp.detach(), old_logp, ref_logp, advantages, mask]
     if any(t is not None and t.dtype == torch.float64 for t in inputs[:4]):
@@ -613,6 +613,9 @@ def _family_loss_rows_torch(
     return grad, loss, metrics
 
 
+_compiled_family_rows = None
+
+
 def _family_loss_torch(
     logp: torch.Tensor,
     inputs: list[torch.Tensor | None],
@@ -624,14 +627,11 @@ def _family_loss_torch(
     loss_agg: str,
     max_len: int | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    logp_values, old_logp, ref_logp, advantages, mask = inputs
-    grad, loss, metrics = _family_loss_rows_torch(
-        logp_values,
-        old_logp,
-        ref_logp,
-        advantages,
-        mask,
-        token_weights,
+    """The family's CPU path: compiled like the paper's loss from COMPILE_MIN_TOKENS
+    (one graph per family member), eager below, for float64 or when Inductor fails."""
+    global _compiled_family_rows
+    tensors = [*inputs, token_weights]
+    args = (
         eps_low,
         eps_high,
         beta,
@@ -640,6 +640,27 @@ def _family_loss_torch(
         loss_agg == "token-mean",
         torch.is_grad_enabled() and logp.requires_grad,
     )
+    results = None
+    if (
+        _compiled_family_rows is not False
+        and tensors[0].dtype != torch.float64
+        and logp.numel() >= COMPILE_MIN_TOKENS
+    ):
+        contiguous = [None if t is None else t.contiguous() for t in tensors]
+        try:
+            if _compiled_family_rows is None:
+                _compiled_family_rows = torch.compile(_family_loss_rows_torch, dynamic=None)
+            with torch.no_grad():
+                results = _compiled_family_rows(*contiguous, *args)
+        except Exception as error:  # noqa: BLE001 - any Inductor failure: run eagerly
+            _compiled_family_rows = False
+            warnings.warn(
+                f"krpo_fast: torch.compile of the CPU family loss failed ({error!r:.200}); "
+                "running it eagerly from now on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    grad, loss, metrics = results or _family_loss_rows_torch(*tensors, *args)
     out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     loss = loss.to(out_dtype)
     if grad is not None:

@@ -14,6 +14,7 @@ from krpo_fast import (
     krpo_loss,
     krpo_loss_from_hidden,
     krpo_loss_from_logits,
+    ops,
     policy_loss,
     policy_loss_from_hidden,
     policy_loss_from_logits,
@@ -206,6 +207,20 @@ def test_krpo_loss_family_is_policy_loss_of_its_advantages(backend, case):
     assert_close_scaled(metrics["advantages"].cpu(), adv, 1e-6)
     expected = oracle(logp, old, ref, adv, mask, token_weights=weights, **kwargs)
     compare((loss, metrics, grad), expected, 1e-5, logp, adv, mask, kwargs)
+
+
+@pytest.mark.parametrize("case", ["sequence", "cispo", "bias-k2-sequence-sapo"])
+def test_compiled_cpu_path_of_large_batches(case):
+    """From COMPILE_MIN_TOKENS tokens the CPU path runs through torch.compile."""
+    gen = torch.Generator().manual_seed(21)
+    logp, old, ref, adv, mask, weights = make_batch(4, 1100, torch.float32, gen, "token")
+    assert logp.numel() >= ops.COMPILE_MIN_TOKENS
+    kwargs = dict(CASES[case], beta=0.05, loss_agg="seq-mean-token-mean")
+    with on_backend("torch"):
+        actual = run(policy_loss, logp, old, ref, adv, mask, token_weights=weights, **kwargs)
+    assert ops._compiled_family_rows not in (None, False)
+    expected = oracle(logp, old, ref, adv, mask, token_weights=weights, **kwargs)
+    compare(actual, expected, 1e-5, logp, adv, mask, kwargs)
 
 
 def test_default_call_runs_the_paper_kernel(monkeypatch):
