@@ -1,4 +1,4 @@
-"""Fused clipped-surrogate + k3-KL policy loss from logits, with its gradient.
+"""Fused policy loss from logits (clipped surrogate + k3 KL, or the family), with its gradient.
 
 One program per token row r (global token index g = row_start + r, sequence
 i = g // T, temperature T_temp, x = z / T_temp):
@@ -25,6 +25,14 @@ Addressing: logits and grad are [B, T_view, V] views (last dim contiguous, any
 row strides), local row r at (r // T_view, r % T_view); a [rows, V] chunk is
 T_view = 1. Token tensors (ids, old, ref, mask) are contiguous [B * T] and
 per-sequence tensors (adv, seq_weight) contiguous [B].
+
+FAMILY on: the token-ratio members of the loss family and token weights through
+``family_token_loss`` (policy_loss.py), one extra output row each for low-clipped,
+dual-clipped and mask * ratio. WITH_ENTROPY: pass 1 also accumulates
+t = sum exp(x - M) (x - M), so H = S - t / exp(S) costs no extra read; the entropy
+bonus -coef * mean H adds -h p (log p + H) to pass 2's dz, h = -coef mask / (masked
+tokens) / T_temp. Sequence ratios need all log-probs of a row before any gradient:
+the ops compose them from the log-softmax kernels and the token kernel instead.
 """
 
 import triton

@@ -16,6 +16,14 @@ count) are reduced by the caller, in a fixed order, so results are deterministic
 
 Shapes: logp, old, ref, mask [B, T] (any strides); advantages [B].
 One program per sequence, walking its tokens in BLOCK_T chunks.
+
+The loss family (docs/loss_family.md) is the same kernel with FAMILY on: the
+surrogate (clip with optional delta and dual clip, cispo, sapo), the KL estimator,
+the bias-corrected KL and the token weights are constexpr switches of
+``family_token_loss``, which the logits kernel shares; hyperparameters (delta,
+dual_clip, tau) are runtime arguments. Sequence ratios (GSPO) add a first walk over
+the row: s_i = exp(mean of logp - old), and every token's gradient gets the row's
+sum of d loss / d log s divided by n_i. FAMILY off compiles today's paper loss.
 """
 
 from typing import NamedTuple
