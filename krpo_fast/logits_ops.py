@@ -41,7 +41,12 @@ from krpo_fast.kernels.selective_log_softmax import (
     selective_log_softmax_bwd,
     selective_log_softmax_fwd,
 )
-from krpo_fast.ops import _fused_loss, group_advantages, token_terms_torch
+from krpo_fast.ops import (
+    _fused_loss,
+    family_token_terms_torch,
+    group_advantages,
+    token_terms_torch,
+)
 
 __all__ = [
     "krpo_loss_from_hidden",
@@ -364,10 +369,12 @@ class _LossSetup:
         token_weights=None,
         entropy_coef=0.0,
         with_entropy=False,
+        loss_family=None,
     ):
         """``family``: the kernels' switches of a token-ratio loss of the family (None:
-        the paper's loss); ``with_entropy``: the entropy metric (and ``entropy_coef``'s
-        bonus) from the same pass."""
+        the paper's loss), ``loss_family`` its validated options (for the torch path);
+        ``with_entropy``: the entropy metric (and ``entropy_coef``'s bonus) from the
+        same pass."""
         B, T = token_ids.shape
         self.seq_len = T
         self.ids = token_ids.reshape(-1).contiguous()
@@ -392,10 +399,12 @@ class _LossSetup:
         self.kl_rows = torch.zeros_like(self.loss_rows)
         self.clip_rows = torch.empty_like(self.loss_rows)
         self.family = family
+        self.loss_family = loss_family
         self.weights = None
         if token_weights is not None:
             weights = token_weights[:, None] if token_weights.dim() == 1 else token_weights
             self.weights = weights.float().expand(B, T).reshape(-1).contiguous()
+        self.entropy_coef = entropy_coef
         self.entropy_weight = None
         if with_entropy:
             self.entropy_weight = (-entropy_coef / self.mask_total.clamp(min=1.0)).reshape(1)
@@ -435,31 +444,59 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
     in_place = scratch and x2.dtype == torch.float32
     centred, row_max = _centred_rows(x2, temperature, in_place)
     picked = centred.gather(1, ids).squeeze(1)
-    total = centred.exp_().sum(-1)  # as the kernel: logp = (x_y - M) - log S
+    with_entropy = setup.entropy_weight is not None
+    if with_entropy:
+        # H = log S - sum e c / S (c = x - M, e = exp(c)): c is kept beside e. Clamped,
+        # c = -inf gives e c = 0 instead of NaN (exp(-1e4) is 0 in float32 already).
+        centred.clamp_(min=-1e4)
+        exp_centred = centred.exp()
+        total = exp_centred.sum(-1)
+        entropy = total.log() - torch.linalg.vecdot(exp_centred, centred) / total
+    else:
+        total = centred.exp_().sum(-1)  # as the kernel: logp = (x_y - M) - log S
     logp = picked - total.log()
     adv = setup.advantages[seq]
     m = setup.mask[tok]
     w = m * setup.seq_weight[seq]
     active = m != 0
-    loss, dlogp, kl, clipped = token_terms_torch(
-        logp,
-        None if setup.old is None else setup.old[tok],
-        None if setup.ref is None else setup.ref[tok],
-        adv,
-        eps_low,
-        eps_high,
-        beta,
-    )
+    old = None if setup.old is None else setup.old[tok]
+    ref = None if setup.ref is None else setup.ref[tok]
+    if setup.family is None:
+        loss, dlogp, kl, clipped = token_terms_torch(logp, old, ref, adv, eps_low, eps_high, beta)
+    else:
+        weights = None if setup.weights is None else setup.weights[tok]
+        loss, dlogp, kl, low, high, dual, ratio = family_token_terms_torch(
+            logp, old, ref, adv, weights, eps_low, eps_high, beta, setup.loss_family
+        )
+        clipped = low | high
+        setup.extra_rows[0, tok] = torch.where(active & low, m, 0.0)
+        if dual is not None:
+            setup.extra_rows[1, tok] = torch.where(active & dual, m, 0.0)
+        setup.extra_rows[2, tok] = torch.where(active, m * ratio, 0.0)
     if setup.ref is not None:
         setup.kl_rows[tok] = torch.where(active, m * kl, 0.0).float()
-    setup.loss_rows[tok] = torch.where(active, w * loss, 0.0).float()
+    row_loss = torch.where(active, w * loss, 0.0).float()
+    if with_entropy:
+        entropy = torch.where(active, entropy, 0.0)
+        setup.extra_rows[3, tok] = m * entropy
+        row_loss += setup.entropy_weight * m * entropy
+    setup.loss_rows[tok] = row_loss
     # clipped is None on-policy (old_logp None): nothing is clipped.
     setup.clip_rows[tok] = 0.0 if clipped is None else torch.where(active & clipped, m, 0.0)
     if grad2 is not None:
         g = (torch.where(active, w * dlogp, 0.0) / temperature).float()[:, None]
-        # dz = (onehot - p) g: the block already holds exp(x - M) when worked in place,
-        # else straight into the gradient when it is float32.
-        if in_place:
+        if setup.entropy_coef != 0.0:
+            # dz = (onehot - p) g - h p (c - log S + H), h = entropy weight * m / T:
+            # e (a + b c) with a = (-g - h (H - log S)) / S, b = -h / S, then the one-hot.
+            h = (setup.entropy_weight * m / temperature)[:, None]
+            inv_total = 1.0 / total[:, None]
+            a = (-g - h * (entropy[:, None] - total.log()[:, None])) * inv_total
+            dz = centred.mul_(-h * inv_total).add_(a).mul_(exp_centred)
+        elif with_entropy:
+            dz = exp_centred.mul_(-g / total[:, None])
+        elif in_place:
+            # dz = (onehot - p) g: the block already holds exp(x - M) when worked in
+            # place, else straight into the gradient when it is float32.
             dz = centred.mul_(-g / total[:, None])
         else:
             dz = _softmax_times(x2, row_max[:, None], -g / total[:, None], temperature, grad2)
@@ -853,7 +890,6 @@ def policy_loss_from_logits(
         token_weights,
         entropy_coef,
         return_entropy,
-        use_triton(logits),
     )
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     if isinstance(setup, _FamilySetup):
@@ -900,12 +936,11 @@ def _family_setup(
     token_weights,
     entropy_coef,
     return_entropy,
-    fused,
 ) -> _LossSetup | _FamilySetup | None:
     """Check the loss-family options (the other arguments are checked already). Returns
     None for the paper's loss without entropy (the fused kernel's default variant), a
-    ``_LossSetup`` for the fused kernel's family variants (``fused``: the kernel runs;
-    token ratios), else a ``_FamilySetup`` to compose the loss from log-probs."""
+    ``_LossSetup`` for the fused kernel's (or its torch twin's) family variants with
+    token ratios, else a ``_FamilySetup`` to compose the loss from log-probs."""
     family = check_loss_family(
         eps_high=eps_high,
         ratio_level=ratio_level,
@@ -930,7 +965,7 @@ def _family_setup(
         return None
     if beta == 0.0:
         ref_logp = None
-    if fused and family.ratio_level == "token":
+    if family.ratio_level == "token":
         return _LossSetup(
             _as_index(token_ids),
             old_logp,
@@ -944,6 +979,7 @@ def _family_setup(
             token_weights,
             entropy_coef,
             return_entropy or entropy_coef != 0.0,
+            family,
         )
     return _FamilySetup(
         _as_index(token_ids),
@@ -1240,7 +1276,6 @@ def policy_loss_from_hidden(
         token_weights,
         entropy_coef,
         return_entropy,
-        use_triton(hidden),
     )
     grad_on = torch.is_grad_enabled()
     if isinstance(setup, _FamilySetup):

@@ -529,6 +529,40 @@ def kl_terms_torch(
     return kl.clamp(max=10.0), torch.where(live, -(clamped + kl), 0.0)
 
 
+def family_token_terms_torch(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    weights: torch.Tensor | None,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    family: v.LossFamily,
+) -> tuple[torch.Tensor, ...]:
+    """Per-token (loss, d loss / d logp, KL or None, low, high, dual or None, ratio) of a
+    token-ratio member of the family, the token weight on its policy term: the kernels'
+    ``family_token_loss``. ``advantages`` and ``weights`` broadcast against ``logp``."""
+    ratio = torch.ones_like(logp) if old_logp is None else torch.sub(logp, old_logp).exp_()
+    term, d_log_ratio, direct, low, high, dual = policy_terms_torch(
+        ratio, advantages, logp, eps_low, eps_high, family
+    )
+    dlogp = d_log_ratio if direct is None else d_log_ratio + direct
+    if weights is not None:
+        term, dlogp = term * weights, dlogp * weights
+    kl = None
+    if ref_logp is not None:
+        kl, d_kl = kl_terms_torch(logp, ref_logp, family.kl_estimator)
+        if family.bias_correction_kl:
+            # beta kl r: d / d logp = beta r (d kl / d logp + kl).
+            term = term + beta * kl * ratio
+            dlogp = dlogp + beta * ratio * (d_kl + kl)
+        else:
+            term = term + beta * kl
+            dlogp = dlogp + beta * d_kl
+    return term, dlogp, kl, low, high, dual, ratio
+
+
 def _family_loss_rows_torch(
     logp: torch.Tensor,
     old_logp: torch.Tensor | None,
