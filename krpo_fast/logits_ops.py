@@ -847,13 +847,25 @@ def policy_loss_from_logits(
         advantages: [B], one per sequence.
         mask: [B, T] bool, or numbers holding only 0 and 1; masked-out tokens never
             reach the loss or the gradient (their logits may be -inf or NaN).
+        entropy_coef: subtract entropy_coef * (mean entropy of softmax(logits / T)
+            over masked tokens) from the loss, with its gradient; the entropy comes
+            from the same read of the logits as the log-probs.
+        return_entropy: also return that mean entropy as the metric "entropy"
+            (implied by a non-zero ``entropy_coef``).
         inplace_backward: store the gradient over ``logits`` (saves one buffer;
             ``logits`` holds the gradient afterwards).
-        Others as ``krpo_fast.ops.policy_loss``.
+        Others (the loss family: ratio_level, loss_type, tau_pos, tau_neg, delta,
+        dual_clip, kl_estimator, bias_correction_kl, token_weights) as
+        ``krpo_fast.ops.policy_loss``. Token ratios run in the fused kernel; sequence
+        ratios need every log-prob of a row first, so they run as a log-softmax
+        launch, the token kernel on the log-probs and a gradient launch (the same two
+        reads of the logits; from hidden states the LM-head matmul is done twice).
 
     Returns:
-        (loss, {"kl": mean k3 KL over masked tokens, "clip_fraction": share of
-        masked tokens whose gradient the clip removes}).
+        (loss, {"kl": mean KL estimate over masked tokens, "clip_fraction": share of
+        masked tokens whose gradient the clip removes}); any family option adds
+        "clip_fraction_low", "clip_fraction_high", "dual_clip_fraction", "ratio_mean",
+        and the entropy "entropy".
     """
     _check_logits_and_ids_for_loss("logits", logits, token_ids, temperature)
     _check_loss_args(

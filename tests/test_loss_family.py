@@ -384,6 +384,32 @@ def test_loss_from_hidden_family_and_entropy(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["sequence", "sapo"])
+def test_inplace_backward_gives_the_same_gradient(backend, case):
+    gen = torch.Generator().manual_seed(17)
+    hidden, weight, ids, old, ref, mask, adv, weights = logits_batch(2, 5, 31, gen)
+    logits = hidden @ weight.T
+    grads = []
+    with on_backend(backend) as device:
+        for inplace in (False, True):
+            leaf = logits.clone().to(device).requires_grad_()
+            loss, _ = policy_loss_from_logits(
+                leaf * 1.0 if inplace else leaf,
+                ids.to(device),
+                old.to(device),
+                ref.to(device),
+                adv.to(device),
+                mask.to(device),
+                token_weights=weights.to(device),
+                entropy_coef=0.1,
+                inplace_backward=inplace,
+                **CASES[case],
+            )
+            grads.append(torch.autograd.grad(loss, leaf)[0].cpu())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_siblings_agree(backend):
     """krpo_loss_from_logits = policy_loss_from_hidden's chunks = policy_loss on the
     log-probs, for one family member with weights and the entropy bonus."""
