@@ -564,6 +564,8 @@ def start_run(cfg: TrainConfig, rank: int, world: int, device: torch.device, loc
         loss_agg=cfg.loss_agg,
         max_len=cfg.max_new_tokens,
         autocast=autocast,
+        # The mean entropy comes from the same read of the logits: logged every step.
+        return_entropy=True,
         **cfg.loss_options(),
     )
     start_weights = resume_from if state is not None else inputs.model_path

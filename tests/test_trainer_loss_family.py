@@ -94,6 +94,7 @@ def test_default_run_calls_the_paper_loss(tmp_path, monkeypatch):
     family = {"loss_type", "ratio_level", "delta", "dual_clip", "tau_pos", "tau_neg"}
     family |= {"kl_estimator", "bias_correction_kl", "entropy_coef", "token_weights"}
     assert calls and all(not family & set(kwargs) for kwargs in calls)
+    assert all(row["entropy"] > 0 for row in _rows(tmp_path))  # logged by every run
 
 
 def test_filter_groups_keeps_the_batch_full(tmp_path, monkeypatch):
