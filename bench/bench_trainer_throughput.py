@@ -90,7 +90,11 @@ def _sequence_tokens(prompt_ids: list[list[int]], completion_ids: list[list[int]
 
 # --------------------------------------------------------------------------- krpo-fast
 def run_krpo(
-    args: argparse.Namespace, workdir: Path, backend: str = "hf", shared_prefix: bool = True
+    args: argparse.Namespace,
+    workdir: Path,
+    backend: str = "hf",
+    shared_prefix: bool = True,
+    micro_batch_size: int = DEFAULTS.micro_batch_size,
 ) -> list[Step]:
     """``args.steps`` krpo-fast steps; per-step timings from metrics.jsonl."""
     cfg = TrainConfig(
@@ -109,6 +113,7 @@ def run_krpo(
         eval_size=EVAL_SIZE,
         save_steps=0,
         seed=args.seed,
+        micro_batch_size=micro_batch_size,
     )
     logprob_s: list[float] = []
     step_tokens: list[int] = []
@@ -184,8 +189,14 @@ def _trl_reward(
     return graded_reward(prompts, completions, answer)
 
 
-def run_trl(args: argparse.Namespace, workdir: Path) -> list[Step]:
-    """``args.steps`` TRL GRPOTrainer steps, timed by a callback and method wrappers."""
+def run_trl(
+    args: argparse.Namespace, workdir: Path, gradient_checkpointing: bool = True
+) -> list[Step]:
+    """``args.steps`` TRL GRPOTrainer steps, timed by a callback and method wrappers.
+
+    TRL's ``GRPOConfig`` turns gradient checkpointing on by default (its backward redoes
+    the forward); ``gradient_checkpointing=False`` is the same work krpo-fast does.
+    """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -226,6 +237,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> list[Step]:
         seed=args.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        gradient_checkpointing=gradient_checkpointing,
     )
     trainer = GRPOTrainer(
         model=model,
@@ -278,11 +290,13 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> list[Step]:
 
 # --------------------------------------------------------------------------- report
 DEFAULT_ROW = "krpo-fast (defaults: shared prefix, HF generate)"
-TRL_ROW = "TRL GRPOTrainer (HF generate)"
+TRL_ROW = "TRL GRPOTrainer (HF generate, its default gradient checkpointing)"
+TRL_SAME_WORK_ROW = "TRL GRPOTrainer (HF generate), gradient checkpointing off"
 VARIANTS: dict[str, Callable[[argparse.Namespace, Path], list[Step]]] = {
     DEFAULT_ROW: run_krpo,
     "krpo-fast, shared prefix off (HF generate)": lambda a, d: run_krpo(a, d, shared_prefix=False),
     TRL_ROW: run_trl,
+    TRL_SAME_WORK_ROW: lambda a, d: run_trl(a, d, gradient_checkpointing=False),
     "krpo-fast, vLLM generate (shared prefix)": lambda a, d: run_krpo(a, d, backend="vllm"),
 }
 
@@ -332,9 +346,11 @@ def render(
         f"{args.rounds * (args.steps - args.warmup)} steps. TRL gets the same questions in "
         "the same order (`shuffle_dataset=False`). krpo-fast uses its defaults otherwise: "
         f"Kalman advantages, packed micro-batches of {DEFAULTS.micro_batch_size} sequences "
-        f"(one group), shared prefix {'on' if DEFAULTS.shared_prefix else 'off'}; TRL: "
-        "`loss_type='grpo'`, group-std advantages, one padded batch of P*G, HF `generate` "
-        "(`use_vllm=False`).",
+        f"(one group), shared prefix {'on' if DEFAULTS.shared_prefix else 'off'}, no "
+        "gradient checkpointing; TRL: `loss_type='grpo'`, group-std advantages, one padded "
+        "batch of P*G, HF `generate` (`use_vllm=False`), and `GRPOConfig`'s default "
+        "`gradient_checkpointing=True` (its backward recomputes the forward) in one row, "
+        "off in the other (the same work as krpo-fast's).",
         "",
         "Columns (per optimizer step, medians over steps): tokens = prompt + completion "
         "tokens of every sequence (EOS included; a prompt shared by G completions counts G "
@@ -346,28 +362,32 @@ def render(
         "over that part alone.",
         "",
         "| trainer | tokens/step | generation s | log-prob s | train s | step s "
-        "| gen tokens/s | train tokens/s | tokens/s | vs TRL |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gen tokens/s | train tokens/s | tokens/s | vs TRL | vs TRL, no checkpointing |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    trl_rate = results.get(TRL_ROW, {}).get("tok_s")
+
+    def ratio(r: dict[str, float], baseline: str) -> str:
+        return f"{r['tok_s'] / results[baseline]['tok_s']:.2f}x" if baseline in results else "n/a"
+
     for name, r in results.items():
-        ratio = f"{r['tok_s'] / trl_rate:.2f}x" if trl_rate else "n/a"
         lines.append(
             f"| {name} | {r['tokens']:.0f} | {r['gen']:.3f} | {r['logprob']:.3f} | "
             f"{r['train']:.3f} | {r['step']:.3f} | {r['gen_tok_s']:.0f} | "
-            f"{r['train_tok_s']:.0f} | {r['tok_s']:.0f} | {ratio} |"
+            f"{r['train_tok_s']:.0f} | {r['tok_s']:.0f} | {ratio(r, TRL_ROW)} | "
+            f"{ratio(r, TRL_SAME_WORK_ROW)} |"
         )
     lines += ["", "Ratios (medians):", ""]
-    if TRL_ROW in results:
-        t = results[TRL_ROW]
+    for baseline in (TRL_ROW, TRL_SAME_WORK_ROW):
+        if baseline not in results:
+            continue
+        t = results[baseline]
         for name, r in results.items():
-            if name == TRL_ROW:
-                continue
-            lines.append(
-                f"- {name} / TRL: tokens/s **{r['tok_s'] / t['tok_s']:.2f}x**, train "
-                f"tokens/s {r['train_tok_s'] / t['train_tok_s']:.2f}x, generation tokens/s "
-                f"{r['gen_tok_s'] / t['gen_tok_s']:.2f}x."
-            )
+            if name.startswith("krpo-fast"):
+                lines.append(
+                    f"- {name} / {baseline}: tokens/s **{r['tok_s'] / t['tok_s']:.2f}x**, "
+                    f"train tokens/s {r['train_tok_s'] / t['train_tok_s']:.2f}x, generation "
+                    f"tokens/s {r['gen_tok_s'] / t['gen_tok_s']:.2f}x."
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -403,9 +423,9 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens)
     parser.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
     parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
-    parser.add_argument("--steps", type=int, default=6, help="steps per run (warm-up included)")
+    parser.add_argument("--steps", type=int, default=7, help="steps per run (warm-up included)")
     parser.add_argument("--warmup", type=int, default=1, help="steps dropped per run")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="a subset of rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS)
