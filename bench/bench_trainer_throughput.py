@@ -10,7 +10,9 @@ What is measured, side by side in one process (variants alternate, round after r
 - ``TRL GRPOTrainer``: plain ``trl.GRPOTrainer`` (HF generate, ``use_vllm=False``) on the
   same model, the same questions in the same order with the same system prompt, G, P,
   completion length, temperature, AdamW learning rate, beta 0, one iteration, one
-  optimizer step per generation round.
+  optimizer step per generation round; once with ``GRPOConfig``'s default gradient
+  checkpointing (its backward recomputes the forward) and once without (the same work
+  as krpo-fast's).
 
 Tokens are counted the same way for every row: per sequence, prompt tokens plus
 completion tokens (EOS included), taken from what each trainer's generation step returns
