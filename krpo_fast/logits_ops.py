@@ -684,16 +684,12 @@ class _FamilySetup:
             _sls_backward_torch(
                 x3, grad3, ids, stats, entropy, self.g_logp[rows], g_entropy, temperature
             )
-        # Masked-out rows may hold NaN or inf logits: their gradient is 0, not 0 * NaN.
+        # Masked-out rows may hold NaN or inf logits: their gradient is 0, not 0 * NaN
+        # (written row by row: one sync on CUDA instead of a pass over every row).
         masked_out = (~self.mask.reshape(-1)[rows]).nonzero().squeeze(1)
         if masked_out.numel():
-            flat = grad3.reshape(n, grad3.shape[-1]) if grad3.is_contiguous() else None
-            if flat is not None:
-                flat.index_fill_(0, masked_out, 0.0)
-            else:
-                t_view = grad3.shape[1]
-                for r in masked_out.tolist():
-                    grad3[r // t_view, r % t_view].zero_()
+            t_view = grad3.shape[1]
+            grad3[masked_out // t_view, masked_out % t_view] = 0.0
 
 
 class _FamilyLossFromLogits(torch.autograd.Function):
