@@ -271,8 +271,9 @@ def test_torchrun_rank0_refusal_stops_every_rank(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and all("holds another run" in line for line in errors)
-    assert any(line.startswith("error: rank 0: ") for line in errors)
+    # Rank 0 prints the refusal, rank 1 the same prefixed "rank 0: ". torchrun stops the
+    # other rank as soon as one exits, so either may be gone before it prints (seen in CI).
+    assert 1 <= len(errors) <= 2 and all("holds another run" in line for line in errors)
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
