@@ -237,11 +237,14 @@ def _grouped(
 
 
 def _divide(values: torch.Tensor, spread: torch.Tensor | float, eps: float) -> torch.Tensor:
-    """values / (spread + eps), where 0 / 0 gives 0: a spread of 0 means every value is
-    exactly 0 already (deviations of equal rewards, or a group of one), even with eps 0."""
+    """values / (spread + eps), in place (both are the caller's temporaries); 0 / 0
+    gives 0: a spread of 0 means every value is exactly 0 already (deviations of equal
+    rewards, or a group of one), even with eps 0."""
     if eps > 0:
-        return values / (spread + eps)
-    return (values / spread).nan_to_num_(nan=0.0)
+        if isinstance(spread, torch.Tensor):
+            return values.div_(spread.add_(eps))
+        return values.div_(spread + eps)
+    return values.div_(spread).nan_to_num_(nan=0.0)
 
 
 def _group_advantages_torch(
@@ -269,11 +272,13 @@ def _group_advantages_torch(
         matrix, first_coef, bias = _kalman_map(max_group_len, *kalman, eps, dtype, rewards.device)
         adv = torch.addmm(bias, deviations, matrix).addcmul_(first, first_coef)
     elif valid is None:
-        centred = deviations - deviations.mean(1, keepdim=True)
+        # In place and a sum scaled by 1 / G: at 64 x 8 every torch call costs ~2 us, and
+        # mean() is twice a sum's time there.
+        centred = deviations.sub_(deviations.sum(1, keepdim=True), alpha=1.0 / group_size)
         if mode == "grpo":
             # The unbiased std as a norm: torch.std along a short dim is 30x slower.
             norm = torch.linalg.vector_norm(centred, dim=1, keepdim=True)
-            spread = norm * (1.0 / (group_size - 1) ** 0.5) if group_size > 1 else 0.0
+            spread = norm.mul_(1.0 / (group_size - 1) ** 0.5) if group_size > 1 else 0.0
     else:
         counts = valid.sum(1, keepdim=True).to(dtype)
         centred = deviations - deviations.sum(1, keepdim=True) / counts.clamp(min=1)
