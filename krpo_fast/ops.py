@@ -263,13 +263,30 @@ def _group_advantages_torch(
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     if rewards.dtype != dtype:
         rewards = rewards.to(dtype)
+    kalman_map = None
+    if mode == "kalman":
+        kalman_map = _kalman_map(max_group_len, *kalman, eps, dtype, rewards.device)
+    return _mapped_advantages(rewards, group_size, offsets, max_group_len, mode, kalman_map, eps)
+
+
+def _mapped_advantages(
+    rewards: torch.Tensor,
+    group_size: int | None,
+    offsets: torch.Tensor | None,
+    max_group_len: int,
+    mode: str,
+    kalman_map: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    eps: float,
+) -> torch.Tensor:
+    """``_group_advantages_torch`` on float32 or float64 rewards with the filter's
+    ``_kalman_map`` given: no cache look-up, so torch.compile traces it."""
     groups, valid, index = _grouped(rewards, group_size, offsets, max_group_len)
     first = groups.narrow(1, 0, 1)
     deviations = groups - first
     if valid is not None:
         deviations.masked_fill_(~valid, 0.0)
     if mode == "kalman":
-        matrix, first_coef, bias = _kalman_map(max_group_len, *kalman, eps, dtype, rewards.device)
+        matrix, first_coef, bias = kalman_map
         adv = torch.addmm(bias, deviations, matrix).addcmul_(first, first_coef)
     elif valid is None:
         # In place and a sum scaled by 1 / G: at 64 x 8 every torch call costs ~2 us, and
@@ -280,7 +297,7 @@ def _group_advantages_torch(
             norm = torch.linalg.vector_norm(centred, dim=1, keepdim=True)
             spread = norm.mul_(1.0 / (group_size - 1) ** 0.5) if group_size > 1 else 0.0
     else:
-        counts = valid.sum(1, keepdim=True).to(dtype)
+        counts = valid.sum(1, keepdim=True).to(rewards.dtype)
         centred = deviations - deviations.sum(1, keepdim=True) / counts.clamp(min=1)
         centred.masked_fill_(~valid, 0.0)
         if mode == "grpo":
@@ -458,12 +475,104 @@ def _policy_loss_torch(
                 RuntimeWarning,
                 stacklevel=3,
             )
-    grad, loss, kl, clip_fraction = results or _loss_rows_torch(*inputs, *args)
+    return _finish_loss(logp, *(results or _loss_rows_torch(*inputs, *args)))
+
+
+def _finish_loss(
+    logp: torch.Tensor,
+    grad: torch.Tensor | None,
+    loss: torch.Tensor,
+    kl: torch.Tensor,
+    clip_fraction: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The public (loss, metrics) of ``_loss_rows_torch``'s results; the loss carries
+    the stored gradient when there is one."""
     out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     loss = loss.to(out_dtype)
     if grad is not None:
         loss = _StoredGradLoss.apply(logp, grad.to(logp.dtype), loss)
     return loss, {"kl": kl.to(out_dtype), "clip_fraction": clip_fraction.to(out_dtype)}
+
+
+def _krpo_rows_torch(
+    rewards: torch.Tensor,
+    group_size: int,
+    mode: str,
+    kalman_map: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    adv_eps: float,
+    logp: torch.Tensor,
+    *loss_args: object,
+) -> tuple[torch.Tensor, ...]:
+    """(advantages, *``_loss_rows_torch``) of uniform groups of float32 rewards: one
+    compiled graph, so the advantages' small ops cost no call each."""
+    advantages = _mapped_advantages(
+        rewards, group_size, None, group_size, mode, kalman_map, adv_eps
+    )
+    return advantages, *_loss_rows_torch(logp, *loss_args[:2], advantages, *loss_args[2:])
+
+
+_compiled_krpo_rows = None
+
+
+def _krpo_loss_compiled(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    mode: str,
+    kalman: tuple[float, float, float, float, float],
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    loss_agg: str,
+    max_len: int | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """krpo_loss of the paper's loss on a large CPU batch of uniform groups through
+    torch.compile, advantages included; None where that path does not apply (the
+    caller then runs the advantages and ``_policy_loss_torch`` apart)."""
+    global _compiled_krpo_rows
+    if (
+        _compiled_krpo_rows is False
+        or logp.numel() < COMPILE_MIN_TOKENS
+        or any(t is not None and t.dtype == torch.float64 for t in (logp, old_logp, ref_logp))
+        or rewards.dtype == torch.float64
+    ):
+        return None
+    rewards = rewards.to(torch.float32)
+    kalman_map = None
+    if mode == "kalman":
+        kalman_map = _kalman_map(group_size, *kalman, torch.float32, rewards.device)
+    tensors = [t if t is None else t.contiguous() for t in (old_logp, ref_logp)]
+    args = (
+        *tensors,
+        mask.contiguous(),
+        eps_low,
+        eps_high,
+        beta,
+        *_aggregation_weights(loss_agg, logp.shape[0], max_len),
+        loss_agg == "token-mean",
+        torch.is_grad_enabled() and logp.requires_grad,
+    )
+    if _compiled_krpo_rows is None:
+        _compiled_krpo_rows = torch.compile(_krpo_rows_torch, dynamic=None)
+    try:
+        with torch.no_grad():  # one compiled graph whatever the caller's grad mode
+            advantages, *results = _compiled_krpo_rows(
+                rewards, group_size, mode, kalman_map, kalman[4], logp.detach().contiguous(), *args
+            )
+    except Exception as error:  # noqa: BLE001 - any Inductor failure: run eagerly
+        _compiled_krpo_rows = False
+        warnings.warn(
+            f"krpo_fast: torch.compile of the CPU KRPO loss failed ({error!r:.200}); "
+            "running it eagerly from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    loss, metrics = _finish_loss(logp, *results)
+    return loss, {**metrics, "advantages": advantages}
 
 
 def policy_terms_torch(
@@ -1040,6 +1149,24 @@ def krpo_loss(
     token_weights = v.check_token_weights(token_weights, "logp", logp)
     rewards = rewards.detach()
     if not _uses_triton(logp, old_logp, ref_logp, rewards, token_weights):
+        if token_weights is None and family.is_paper_loss and offsets is None:
+            fused = _krpo_loss_compiled(
+                logp,
+                old_logp,
+                ref_logp,
+                rewards,
+                mask,
+                group_size,
+                mode,
+                kalman,
+                eps_low,
+                eps_high,
+                beta,
+                loss_agg,
+                max_len,
+            )
+            if fused is not None:
+                return fused
         advantages = _group_advantages_torch(
             rewards, group_size, offsets, max_group_len, mode, kalman[:4], kalman[4]
         )
