@@ -5,8 +5,9 @@ shape, device or value) with a message that names the offending argument, so tha
 nothing fails deep inside a kernel or silently returns garbage.
 """
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,22 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # dtypes lack the indexing ops and are rejected here).
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 MASK_DTYPES = (torch.bool, *INT_DTYPES, *FLOAT_DTYPES)
+
+
+def memoised_check(check: Callable) -> Callable:
+    """``check`` of hashable settings, run once per distinct call (the same few floats
+    and strings come on every step); unhashable arguments, which ``check`` rejects,
+    take the uncached call. Checks that raise are not cached."""
+    cached = functools.lru_cache(maxsize=64, typed=True)(check)
+
+    @functools.wraps(check)
+    def run(*args: object, **kwargs: object) -> object:
+        try:
+            return cached(*args, **kwargs)
+        except TypeError:  # unhashable, or the check's own TypeError: raise it uncached
+            return check(*args, **kwargs)
+
+    return run
 
 
 def check_tensor(
@@ -106,16 +123,7 @@ def check_loss_args(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Check the policy-loss arguments against the [B, T] tensor ``ref`` (named
     ``ref_name``); return (old_logp, ref_logp or None when beta == 0, mask)."""
-    check_finite_number("eps_low", eps_low, minimum=0.0)
-    check_finite_number("eps_high", eps_high, minimum=0.0)
-    check_finite_number("beta", beta, minimum=0.0)
-    if loss_agg not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
-    if loss_agg == "seq-mean-token-sum-norm":
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(
-                f"max_len must be a positive int with loss_agg={loss_agg!r}, got {max_len!r}"
-            )
+    check_loss_settings(eps_low, eps_high, beta, loss_agg, max_len)
     if beta != 0.0 and ref_logp is None:
         raise ValueError("ref_logp is required when beta != 0 (pass beta=0.0 to skip the KL term)")
     ref_logp = ref_logp if beta != 0.0 else None
@@ -129,6 +137,23 @@ def check_loss_args(
     check_same_device("mask", mask, ref_name, ref)
     check_mask_values(mask)
     return old_logp, ref_logp, mask
+
+
+@memoised_check
+def check_loss_settings(
+    eps_low: float, eps_high: float, beta: float, loss_agg: str, max_len: int | None
+) -> None:
+    """The policy loss's scalar settings."""
+    check_finite_number("eps_low", eps_low, minimum=0.0)
+    check_finite_number("eps_high", eps_high, minimum=0.0)
+    check_finite_number("beta", beta, minimum=0.0)
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
+    if loss_agg == "seq-mean-token-sum-norm":
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(
+                f"max_len must be a positive int with loss_agg={loss_agg!r}, got {max_len!r}"
+            )
 
 
 def check_mask_values(mask: torch.Tensor) -> None:
@@ -183,6 +208,7 @@ class LossFamily(NamedTuple):
         )
 
 
+@memoised_check
 def check_loss_family(
     *,
     eps_high: float,

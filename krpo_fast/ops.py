@@ -72,17 +72,8 @@ def _check_rewards(
     return rewards.contiguous(), None, offsets.to(torch.int32).contiguous(), int(lengths.max())
 
 
+@v.memoised_check
 def _check_kalman(
-    process_var: float, meas_var: float, init_mean: float, init_var: float, eps: float
-) -> tuple[float, float, float, float, float]:
-    try:  # the same few floats on every call: checked once
-        return _check_kalman_values(process_var, meas_var, init_mean, init_var, eps)
-    except TypeError:  # unhashable (then rejected below) or not a number
-        return _check_kalman_values.__wrapped__(process_var, meas_var, init_mean, init_var, eps)
-
-
-@lru_cache(maxsize=64, typed=True)
-def _check_kalman_values(
     process_var: float, meas_var: float, init_mean: float, init_var: float, eps: float
 ) -> tuple[float, float, float, float, float]:
     return (
