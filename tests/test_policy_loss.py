@@ -335,3 +335,44 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         actual = run_fused(policy_loss, logp, old, ref, adv, mask)
     compare(actual, oracle_loss_and_grad(logp, old, ref, adv, mask), 1e-5)
     assert ops._compiled_loss_rows is False  # not tried again
+
+
+@pytest.mark.parametrize(
+    "adv_mode, dtype, loss_agg",
+    [
+        ("kalman", torch.float32, "seq-mean-token-mean"),
+        ("grpo", torch.float32, "token-mean"),
+        ("batch_std", torch.bfloat16, "seq-mean-token-sum-norm"),
+    ],
+)
+def test_compiled_cpu_krpo_loss_matches_oracle(monkeypatch, adv_mode, dtype, loss_agg):
+    """Large CPU batches of uniform groups compute krpo_loss, advantages included, in one
+    compiled graph: same oracle, same bounds, and equal-reward groups still get exactly 0."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(ops, "COMPILE_MIN_TOKENS", 0)
+    calls = []
+    real = torch.compile
+
+    def spy(fn, **kwargs):
+        calls.append(fn.__name__)
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(ops, "_compiled_krpo_rows", None)
+    monkeypatch.setattr(ops.torch, "compile", spy)
+    gen = torch.Generator().manual_seed(17)
+    logp, old, ref, mask = make_batch(12, 21, dtype, gen, zero_rows=1)
+    levels = torch.tensor([0.0, 0.01, 0.5, 1.0])
+    rewards = levels[torch.randint(0, 4, (12,), generator=gen)]
+    rewards[:4] = 0.01  # one group of equal rewards
+    kwargs = dict(beta=0.04, loss_agg=loss_agg, max_len=32)
+    actual = run_fused(
+        krpo_loss, logp, old, ref, rewards, mask, group_size=4, adv_mode=adv_mode, **kwargs
+    )
+    assert "_krpo_rows_torch" in calls, "the compiled krpo_loss path did not run"
+    adv = group_advantages_reference(rewards, 4, None, adv_mode, compute_dtype=torch.float64)
+    assert_close_scaled(actual[1]["advantages"], adv, 1e-5)
+    if adv_mode != "kalman":
+        assert (actual[1]["advantages"][:4] == 0).all()
+    compare(
+        actual, oracle_loss_and_grad(logp, old, ref, adv, mask, **kwargs), TOLERANCE[dtype], adv
+    )
