@@ -404,14 +404,37 @@ _PAPER_LOSS = v.LossFamily()
 # few seconds); smaller batches, float64 and machines where Inductor cannot compile
 # (no C++ compiler) run it eagerly.
 COMPILE_MIN_TOKENS = 4096
-_compiled_loss_rows = None
 
 
-def _loss_rows_compiled() -> object:
-    global _compiled_loss_rows
-    if _compiled_loss_rows is None:
-        _compiled_loss_rows = torch.compile(_loss_rows_torch, dynamic=None)
-    return _compiled_loss_rows
+class _CompiledOnce:
+    """``fn`` through torch.compile, compiled on first use. After a failure (e.g. no C++
+    compiler) it warns once and returns None from then on, so callers run ``fn`` eagerly."""
+
+    def __init__(self, fn: object, what: str) -> None:
+        self.fn, self.what = fn, what
+        self.compiled: object | None = None
+        self.failed = False
+
+    def __call__(self, *args: object) -> object | None:
+        if self.failed:
+            return None
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=None)
+            with torch.no_grad():  # one compiled graph whatever the caller's grad mode
+                return self.compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any Inductor failure: run eagerly
+            self.failed = True
+            warnings.warn(
+                f"krpo_fast: torch.compile of the CPU {self.what} failed ({error!r:.200}); "
+                "running it eagerly from now on",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+
+
+_compiled_loss_rows = _CompiledOnce(_loss_rows_torch, "policy loss")
 
 
 def _policy_loss_torch(
@@ -431,7 +454,6 @@ def _policy_loss_torch(
     """The policy loss on validated CPU inputs (or float64 ones): float32 math, float64
     when any input is float64 (e.g. for gradcheck). The paper's loss runs the fast path
     below; the rest of the family runs ``_family_loss_rows_torch``."""
-    global _compiled_loss_rows
     inputs = [logp.detach(), old_logp, ref_logp, advantages, mask]
     if any(t is not None and t.dtype == torch.float64 for t in inputs[:4]):
         inputs[0] = inputs[0].double()
@@ -448,24 +470,10 @@ def _policy_loss_torch(
         torch.is_grad_enabled() and logp.requires_grad,
     )
     results = None
-    if (
-        _compiled_loss_rows is not False
-        and inputs[0].dtype != torch.float64
-        and logp.numel() >= COMPILE_MIN_TOKENS
-    ):
+    if inputs[0].dtype != torch.float64 and logp.numel() >= COMPILE_MIN_TOKENS:
         # Contiguous inputs keep the compiled code to one stride layout.
         contiguous = [None if t is None else t.contiguous() for t in inputs]
-        try:
-            with torch.no_grad():  # one compiled graph whatever the caller's grad mode
-                results = _loss_rows_compiled()(*contiguous, *args)
-        except Exception as error:  # noqa: BLE001 - any Inductor failure: run eagerly
-            _compiled_loss_rows = False
-            warnings.warn(
-                f"krpo_fast: torch.compile of the CPU policy loss failed ({error!r:.200}); "
-                "running it eagerly from now on",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        results = _compiled_loss_rows(*contiguous, *args)
     return _finish_loss(logp, *(results or _loss_rows_torch(*inputs, *args)))
 
 
@@ -502,7 +510,7 @@ def _krpo_rows_torch(
     return advantages, *_loss_rows_torch(logp, *loss_args[:2], advantages, *loss_args[2:])
 
 
-_compiled_krpo_rows = None
+_compiled_krpo_rows = _CompiledOnce(_krpo_rows_torch, "KRPO loss")
 
 
 def _krpo_loss_compiled(
@@ -523,9 +531,8 @@ def _krpo_loss_compiled(
     """krpo_loss of the paper's loss on a large CPU batch of uniform groups through
     torch.compile, advantages included; None where that path does not apply (the
     caller then runs the advantages and ``_policy_loss_torch`` apart)."""
-    global _compiled_krpo_rows
     if (
-        _compiled_krpo_rows is False
+        _compiled_krpo_rows.failed
         or logp.numel() < COMPILE_MIN_TOKENS
         or any(t is not None and t.dtype == torch.float64 for t in (logp, old_logp, ref_logp))
         or rewards.dtype == torch.float64
@@ -546,22 +553,12 @@ def _krpo_loss_compiled(
         loss_agg == "token-mean",
         torch.is_grad_enabled() and logp.requires_grad,
     )
-    if _compiled_krpo_rows is None:
-        _compiled_krpo_rows = torch.compile(_krpo_rows_torch, dynamic=None)
-    try:
-        with torch.no_grad():  # one compiled graph whatever the caller's grad mode
-            advantages, *results = _compiled_krpo_rows(
-                rewards, group_size, mode, kalman_map, kalman[4], logp.detach().contiguous(), *args
-            )
-    except Exception as error:  # noqa: BLE001 - any Inductor failure: run eagerly
-        _compiled_krpo_rows = False
-        warnings.warn(
-            f"krpo_fast: torch.compile of the CPU KRPO loss failed ({error!r:.200}); "
-            "running it eagerly from now on",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    outputs = _compiled_krpo_rows(
+        rewards, group_size, mode, kalman_map, kalman[4], logp.detach().contiguous(), *args
+    )
+    if outputs is None:
         return None
+    advantages, *results = outputs
     loss, metrics = _finish_loss(logp, *results)
     return loss, {**metrics, "advantages": advantages}
 
@@ -752,7 +749,7 @@ def _family_loss_rows_torch(
     return grad, loss, metrics
 
 
-_compiled_family_rows = None
+_compiled_family_rows = _CompiledOnce(_family_loss_rows_torch, "family loss")
 
 
 def _family_loss_torch(
@@ -768,7 +765,6 @@ def _family_loss_torch(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The family's CPU path: compiled like the paper's loss from COMPILE_MIN_TOKENS
     (one graph per family member), eager below, for float64 or when Inductor fails."""
-    global _compiled_family_rows
     tensors = [*inputs, token_weights]
     args = (
         eps_low,
@@ -780,25 +776,9 @@ def _family_loss_torch(
         torch.is_grad_enabled() and logp.requires_grad,
     )
     results = None
-    if (
-        _compiled_family_rows is not False
-        and tensors[0].dtype != torch.float64
-        and logp.numel() >= COMPILE_MIN_TOKENS
-    ):
+    if tensors[0].dtype != torch.float64 and logp.numel() >= COMPILE_MIN_TOKENS:
         contiguous = [None if t is None else t.contiguous() for t in tensors]
-        try:
-            if _compiled_family_rows is None:
-                _compiled_family_rows = torch.compile(_family_loss_rows_torch, dynamic=None)
-            with torch.no_grad():
-                results = _compiled_family_rows(*contiguous, *args)
-        except Exception as error:  # noqa: BLE001 - any Inductor failure: run eagerly
-            _compiled_family_rows = False
-            warnings.warn(
-                f"krpo_fast: torch.compile of the CPU family loss failed ({error!r:.200}); "
-                "running it eagerly from now on",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        results = _compiled_family_rows(*contiguous, *args)
     grad, loss, metrics = results or _family_loss_rows_torch(*tensors, *args)
     out_dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     loss = loss.to(out_dtype)

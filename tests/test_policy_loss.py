@@ -304,16 +304,16 @@ def test_compiled_cpu_path_matches_oracle(monkeypatch, dtype, with_old, beta, lo
     """Large CPU batches run the torch path through torch.compile: same oracle, same bounds."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(ops, "COMPILE_MIN_TOKENS", 0)
-    compiled = []
-    real = ops._loss_rows_compiled
-    monkeypatch.setattr(ops, "_loss_rows_compiled", lambda: compiled.append(1) or real())
+    calls = []
+    real = ops._compiled_loss_rows
+    monkeypatch.setattr(ops, "_compiled_loss_rows", lambda *args: calls.append(1) or real(*args))
     gen = torch.Generator().manual_seed(15)
     logp, old, ref, mask = make_batch(5, 33, dtype, gen, zero_rows=1)
     old = old if with_old else None
     adv = torch.randn(5, generator=gen) * 3
     kwargs = dict(beta=beta, loss_agg=loss_agg, max_len=40)
     actual = run_fused(policy_loss, logp, old, ref, adv, mask, **kwargs)
-    assert compiled, "the compiled path did not run"
+    assert calls and not real.failed, "the compiled path did not run"
     compare(
         actual, oracle_loss_and_grad(logp, old, ref, adv, mask, **kwargs), TOLERANCE[dtype], adv
     )
@@ -322,19 +322,20 @@ def test_compiled_cpu_path_matches_oracle(monkeypatch, dtype, with_old, beta, lo
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(ops, "COMPILE_MIN_TOKENS", 0)
-    monkeypatch.setattr(ops, "_compiled_loss_rows", None)
 
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(ops, "_loss_rows_compiled", lambda: broken)
+    compiled = ops._CompiledOnce(ops._loss_rows_torch, "policy loss")
+    compiled.compiled = broken
+    monkeypatch.setattr(ops, "_compiled_loss_rows", compiled)
     gen = torch.Generator().manual_seed(16)
     logp, old, ref, mask = make_batch(4, 9, torch.float32, gen)
     adv = torch.randn(4, generator=gen)
     with pytest.warns(RuntimeWarning, match="running it eagerly"):
         actual = run_fused(policy_loss, logp, old, ref, adv, mask)
     compare(actual, oracle_loss_and_grad(logp, old, ref, adv, mask), 1e-5)
-    assert ops._compiled_loss_rows is False  # not tried again
+    assert compiled.failed  # not tried again
 
 
 @pytest.mark.parametrize(
@@ -357,7 +358,7 @@ def test_compiled_cpu_krpo_loss_matches_oracle(monkeypatch, adv_mode, dtype, los
         calls.append(fn.__name__)
         return real(fn, **kwargs)
 
-    monkeypatch.setattr(ops, "_compiled_krpo_rows", None)
+    monkeypatch.setattr(ops, "_compiled_krpo_rows", ops._CompiledOnce(ops._krpo_rows_torch, "KRPO"))
     monkeypatch.setattr(ops.torch, "compile", spy)
     gen = torch.Generator().manual_seed(17)
     logp, old, ref, mask = make_batch(12, 21, dtype, gen, zero_rows=1)
