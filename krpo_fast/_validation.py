@@ -179,7 +179,10 @@ def check_advantages(advantages: object, ref_name: str, ref: torch.Tensor) -> to
             f"got {advantages.shape[0]}"
         )
     check_same_device("advantages", advantages, ref_name, ref)
-    return advantages.detach().contiguous()
+    # Each call costs a dispatch even when there is nothing to do: only when needed.
+    if advantages.requires_grad:
+        advantages = advantages.detach()
+    return advantages if advantages.is_contiguous() else advantages.contiguous()
 
 
 class LossFamily(NamedTuple):

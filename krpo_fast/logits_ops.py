@@ -463,6 +463,8 @@ def _loss_rows_torch(x2, grad2, row_start, setup, temperature, eps_low, eps_high
     ref = None if setup.ref is None else setup.ref[tok]
     if setup.family is None:
         loss, dlogp, kl, clipped = token_terms_torch(logp, old, ref, adv, eps_low, eps_high, beta)
+        if kl is not None:
+            loss = loss + beta * kl
     else:
         weights = None if setup.weights is None else setup.weights[tok]
         loss, dlogp, kl, low, high, dual, ratio = family_token_terms_torch(
