@@ -100,9 +100,16 @@ def check_finite_number(name: str, value: float, *, minimum: float | None = None
 
 def check_all_finite(name: str, value: torch.Tensor) -> None:
     """Raise if ``value`` holds NaN or inf (one device sync: use on small tensors)."""
-    # A finite sum means finite elements (a cheaper pass than isfinite); an overflowing
-    # sum of finite values only takes the slow path below.
-    if math.isfinite(value.sum().item()):
+    # A finite sum means finite elements (a cheaper pass than isfinite).
+    check_finite_total(name, value, value.sum().item())
+
+
+def check_finite_total(name: str, value: torch.Tensor, total: float) -> None:
+    """Raise if ``value`` holds NaN or inf, given ``total``: a number computed from
+    ``value`` (its sum, or a sum of results) that is NaN or inf whenever ``value``
+    holds one. A non-finite total of finite values (an overflow) only costs a full
+    check."""
+    if math.isfinite(total):
         return
     if not bool(torch.isfinite(value).all()):
         bad = (~torch.isfinite(value)).nonzero()[0].tolist()
