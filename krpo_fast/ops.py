@@ -174,6 +174,18 @@ def _has_float64(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
+def _row_scale(
+    tokens: torch.Tensor, total: torch.Tensor, loss_agg: str, max_len: int | None
+) -> torch.Tensor:
+    """[B] weight of each row's masked-token sum, from its token count ``tokens`` and
+    the batch's ``total``. Computed from the shape inside a compiled graph, so the batch
+    size is no float input that changes from call to call."""
+    row_weight, per_row_mean = _aggregation_weights(loss_agg, tokens.shape[0], max_len)
+    # An all-masked row has no tokens to weigh: its clamped scale multiplies zeros only.
+    scale = row_weight / tokens.clamp(min=1) if per_row_mean else tokens * 0.0 + row_weight
+    return scale / total if loss_agg == "token-mean" else scale
+
+
 def _uses_triton(*tensors: torch.Tensor | None) -> bool:
     return use_triton(tensors[0]) and not _has_float64(*tensors)
 
@@ -415,9 +427,12 @@ def _mapped_advantages(
     mode: str,
     kalman_map: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     eps: float,
+    traced: bool = False,
 ) -> torch.Tensor:
     """``_group_advantages_torch`` on float32 or float64 rewards with the filter's
-    ``_kalman_map`` given: no cache look-up, so torch.compile traces it."""
+    ``_kalman_map`` given: no cache look-up, so torch.compile traces it (``traced``:
+    the filter's product as a broadcast sum, which Inductor fuses into its loops where
+    an addmm stays a library call of its own)."""
     groups, valid, index = _grouped(rewards, group_size, offsets, max_group_len)
     first = groups.narrow(1, 0, 1)
     deviations = groups - first
@@ -425,7 +440,10 @@ def _mapped_advantages(
         deviations.masked_fill_(~valid, 0.0)
     if mode == "kalman":
         matrix, first_coef, bias = kalman_map
-        adv = torch.addmm(bias, deviations, matrix).addcmul_(first, first_coef)
+        if traced:
+            adv = (deviations.unsqueeze(-1) * matrix).sum(1) + bias + first * first_coef
+        else:
+            adv = torch.addmm(bias, deviations, matrix).addcmul_(first, first_coef)
     elif valid is None:
         # In place and a sum scaled by 1 / G: at 64 x 8 every torch call costs ~2 us, and
         # mean() is twice a sum's time there.
@@ -510,9 +528,8 @@ def _loss_rows_torch(
     eps_low: float,
     eps_high: float,
     beta: float,
-    row_weight: float,
-    per_row_mean: bool,
-    token_mean: bool,
+    loss_agg: str,
+    max_len: int | None,
     need_grad: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy loss in torch: (d loss / d logp [B, T] in ``logp``'s dtype or None
@@ -531,10 +548,7 @@ def _loss_rows_torch(
     )
     tokens = on.sum(-1, dtype=dtype)
     total = tokens.sum().clamp(min=1)
-    # An all-masked row has no tokens to weigh: its clamped scale multiplies zeros only.
-    scale = row_weight / tokens.clamp(min=1) if per_row_mean else tokens * 0.0 + row_weight
-    if token_mean:
-        scale = scale / total
+    scale = _row_scale(tokens, total, loss_agg, max_len)
     # torch.where, not a product: padding may hold -inf or NaN log-probs.
     grad = (torch.where(on, grad, 0.0) * scale[:, None]).to(logp.dtype) if need_grad else None
     # Row sums of each term, combined per row: compiled, every per-token value then feeds
@@ -625,8 +639,8 @@ def _policy_loss_torch(
         eps_low,
         eps_high,
         beta,
-        *_aggregation_weights(loss_agg, logp.shape[0], max_len),
-        loss_agg == "token-mean",
+        loss_agg,
+        max_len,
         torch.is_grad_enabled() and logp.requires_grad,
     )
     results = None
@@ -671,7 +685,7 @@ def _krpo_rows_torch(
     """(advantages, *``_loss_rows_torch``) of uniform groups of float32 rewards: one
     compiled graph, so the advantages' small ops cost no call each."""
     advantages = _mapped_advantages(
-        rewards, group_size, None, group_size, mode, kalman_map, adv_eps
+        rewards, group_size, None, group_size, mode, kalman_map, adv_eps, traced=True
     )
     return advantages, *_loss_rows_torch(logp, *loss_args[:2], advantages, *loss_args[2:])
 
@@ -718,8 +732,8 @@ def _krpo_loss_compiled(
         eps_low,
         eps_high,
         beta,
-        *_aggregation_weights(loss_agg, logp.shape[0], max_len),
-        loss_agg == "token-mean",
+        loss_agg,
+        max_len,
         torch.is_grad_enabled() and logp.requires_grad,
     )
     if outputs is None:
@@ -842,9 +856,8 @@ def _family_loss_rows_torch(
     eps_high: float,
     beta: float,
     family: v.LossFamily,
-    row_weight: float,
-    per_row_mean: bool,
-    token_mean: bool,
+    loss_agg: str,
+    max_len: int | None,
     need_grad: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
     """Every loss of the family in torch: (d loss / d logp [B, T] or None, loss, metrics).
@@ -893,9 +906,7 @@ def _family_loss_rows_torch(
         dlogp = d_own + row_term[:, None]
     else:
         dlogp = d_own + d_log_ratio
-    scale = row_weight / tokens.clamp(min=1) if per_row_mean else tokens * 0.0 + row_weight
-    if token_mean:
-        scale = scale / total
+    scale = _row_scale(tokens, total, loss_agg, max_len)
     grad = (torch.where(on, dlogp, 0.0) * scale[:, None]).to(logp.dtype) if need_grad else None
     loss = (torch.where(on, per_token, 0.0).sum(-1) * scale).sum()
 
@@ -937,8 +948,8 @@ def _family_loss_torch(
         eps_high,
         beta,
         family,
-        *_aggregation_weights(loss_agg, logp.shape[0], max_len),
-        loss_agg == "token-mean",
+        loss_agg,
+        max_len,
         torch.is_grad_enabled() and logp.requires_grad,
     )
     results = None
