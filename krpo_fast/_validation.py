@@ -116,6 +116,46 @@ def check_finite_total(name: str, value: torch.Tensor, total: float) -> None:
         raise ValueError(f"{name} must be finite, found {value[tuple(bad)].item()} at {bad}")
 
 
+def plain_loss_tensors(
+    logp: object,
+    old_logp: object,
+    ref_logp: object,
+    mask: object,
+    per_row: object,
+) -> bool:
+    """Whether a loss's tensors are plainly valid: non-empty [B, T] float log-probs
+    (``old_logp`` and ``ref_logp`` may be None), a bool [B, T] mask and a float [B]
+    per-row tensor (advantages or rewards), all plain tensors on one device. Cheap
+    attribute reads only, so the common call skips the one-by-one checks; any other
+    input takes those, which name the argument at fault."""
+    tensor = torch.Tensor
+    if type(logp) is not tensor or type(mask) is not tensor or type(per_row) is not tensor:
+        return False
+    shape, device = logp.shape, logp.device
+    if (
+        len(shape) != 2
+        or not shape.numel()
+        or device.type == "meta"
+        or logp.dtype not in FLOAT_DTYPES
+        or mask.dtype is not torch.bool
+        or mask.shape != shape
+        or mask.device != device
+        or per_row.dtype not in FLOAT_DTYPES
+        or per_row.shape != shape[:1]
+        or per_row.device != device
+    ):
+        return False
+    for value in (old_logp, ref_logp):
+        if value is not None and (
+            type(value) is not tensor
+            or value.dtype not in FLOAT_DTYPES
+            or value.shape != shape
+            or value.device != device
+        ):
+            return False
+    return True
+
+
 def check_loss_args(
     ref_name: str,
     ref: torch.Tensor,
@@ -127,13 +167,18 @@ def check_loss_args(
     beta: float,
     loss_agg: str,
     max_len: int | None,
+    *,
+    plain: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Check the policy-loss arguments against the [B, T] tensor ``ref`` (named
-    ``ref_name``); return (old_logp, ref_logp or None when beta == 0, mask)."""
+    ``ref_name``); return (old_logp, ref_logp or None when beta == 0, mask). ``plain``:
+    ``plain_loss_tensors`` vouched for the tensors, only the settings are left."""
     check_loss_settings(eps_low, eps_high, beta, loss_agg, max_len)
     if beta != 0.0 and ref_logp is None:
         raise ValueError("ref_logp is required when beta != 0 (pass beta=0.0 to skip the KL term)")
     ref_logp = ref_logp if beta != 0.0 else None
+    if plain:
+        return old_logp, ref_logp, mask
     for name, value in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if value is not None:
             check_tensor(name, value, ndim=2, dtypes=FLOAT_DTYPES)

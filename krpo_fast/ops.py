@@ -38,15 +38,23 @@ __all__ = [
 
 
 def _check_rewards(
-    rewards: object, group_size: object, group_offsets: object
+    rewards: object,
+    group_size: object,
+    group_offsets: object,
+    *,
+    plain: bool = False,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, int | None, torch.Tensor | None, int]:
     """Validate rewards and the group layout; return (rewards, group_size, int32 offsets,
-    longest group)."""
-    rewards = v.check_tensor("rewards", rewards, ndim=1, dtypes=v.FLOAT_DTYPES)
+    longest group). ``plain``: ``v.plain_loss_tensors`` vouched for the tensor;
+    ``check_finite=False``: the caller checks for NaN and inf itself."""
+    if not plain:
+        rewards = v.check_tensor("rewards", rewards, ndim=1, dtypes=v.FLOAT_DTYPES)
+        if rewards.numel() == 0:
+            raise ValueError("rewards is empty: need at least one reward")
     n = rewards.numel()
-    if n == 0:
-        raise ValueError("rewards is empty: need at least one reward")
-    v.check_all_finite("rewards", rewards)
+    if check_finite:
+        v.check_all_finite("rewards", rewards)
     if (group_size is None) == (group_offsets is None):
         raise ValueError("give exactly one of group_size (uniform groups) and group_offsets")
     if group_size is not None:
@@ -90,6 +98,7 @@ def _check_kalman(
     )
 
 
+@v.memoised_check  # positional: a cache key of keywords costs twice as much
 def _check_family(
     eps_high: float,
     ratio_level: object,
@@ -132,12 +141,25 @@ def _check_loss_inputs(
     loss_agg: str,
     max_len: int | None,
     check_finite: bool,
+    plain: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    logp = v.check_tensor("logp", logp, ndim=2, dtypes=v.FLOAT_DTYPES)
-    if logp.numel() == 0:
-        raise ValueError(f"logp is empty (shape {tuple(logp.shape)}): need B >= 1 and T >= 1")
+    """The checked log-probs and mask (``plain``: ``v.plain_loss_tensors`` holds)."""
+    if not plain:
+        logp = v.check_tensor("logp", logp, ndim=2, dtypes=v.FLOAT_DTYPES)
+        if logp.numel() == 0:
+            raise ValueError(f"logp is empty (shape {tuple(logp.shape)}): need B >= 1 and T >= 1")
     old_logp, ref_logp, mask = v.check_loss_args(
-        "logp", logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len
+        "logp",
+        logp,
+        old_logp,
+        ref_logp,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        plain=plain,
     )
     old_logp = _constant(old_logp)
     ref_logp = _constant(ref_logp)
@@ -268,8 +290,9 @@ def _divide(values: torch.Tensor, spread: torch.Tensor | float, eps: float) -> t
     return values.div_(spread).nan_to_num_(nan=0.0)
 
 
-# Up to this many rewards, two [G, G] matrix products beat the slicing and broadcast
-# ops of the larger batches (each torch call costs ~1-2 us on such tensors).
+# Up to this many rewards, the filter takes the deviations from each group's first
+# reward as a [G, G] matrix product (fewer calls than a slice and a broadcast, each of
+# which costs ~1-2 us on such tensors), and the batch std is torch.std.
 _GEMM_MAX_REWARDS = 4096
 
 
@@ -279,18 +302,18 @@ class _UniformPlan(NamedTuple):
     mode: str
     group_size: int
     eps: float
-    # [G, G]: x @ shift keeps x_1 and subtracts it from the others (exactly: two
-    # nonzero products per output, so one rounding, like a subtraction).
-    shift: torch.Tensor
-    # [G, G] applied to (r_1, deviations): the filter's map with its r_1 coefficients
-    # in the first row, or the centring matrix I - 1/G with a first row of 0.
-    matrix: torch.Tensor
-    # kalman: (0, -1, .., -1), the shift as a broadcast multiplier; else [G, 1] of 1/G.
-    column: torch.Tensor
-    bias: torch.Tensor | None  # the filter's -x_0 c s; None when x_0 = 0
+    # kalman only (None in the other modes): [G, G] x @ shift keeps x_1 and subtracts it
+    # from the others (exactly: two nonzero products per output, so one rounding, like a
+    # subtraction); [G, G] applied to (r_1, deviations), the filter's map with its r_1
+    # coefficients in the first row; (0, -1, .., -1), the shift as a broadcast
+    # multiplier; and the filter's -x_0 c s (None when x_0 = 0).
+    shift: torch.Tensor | None
+    matrix: torch.Tensor | None
+    column: torch.Tensor | None
+    bias: torch.Tensor | None
     eps_tensor: torch.Tensor  # grpo: spread + eps in one call, as a tensor operand
+    size_tensor: torch.Tensor  # G, the divisor of addcdiv
     inv_dof: float  # grpo: 1 / sqrt(G - 1), the unbiased std from the norm (0 for G = 1)
-    zero: torch.Tensor  # batch_std: the ignored input of addmm
 
 
 @lru_cache(maxsize=64)
@@ -298,10 +321,10 @@ def _uniform_plan(
     mode: str, group_size: int, kalman: tuple[float, float, float, float], eps: float
 ) -> _UniformPlan:
     """The checked settings' constants, float32 on the CPU."""
-    shift = torch.eye(group_size)
-    shift[0, 1:] = -1.0
-    bias = None
+    shift = matrix = column = bias = None
     if mode == "kalman":
+        shift = torch.eye(group_size)
+        shift[0, 1:] = -1.0
         matrix, first_coef, bias = _kalman_map(
             group_size, *kalman, eps, torch.float32, torch.device("cpu")
         )
@@ -310,10 +333,6 @@ def _uniform_plan(
         bias = bias if kalman[2] != 0.0 else None
         column = torch.full((group_size,), -1.0)
         column[0] = 0.0
-    else:
-        matrix = torch.eye(group_size) - 1.0 / group_size
-        matrix[0] = 0.0
-        column = torch.full((group_size, 1), 1.0 / group_size)
     inv_dof = 1.0 / (group_size - 1) ** 0.5 if group_size > 1 else 0.0
     return _UniformPlan(
         mode,
@@ -324,8 +343,8 @@ def _uniform_plan(
         column,
         bias,
         torch.tensor(eps),
+        torch.tensor(float(group_size)),
         inv_dof,
-        torch.zeros(()),
     )
 
 
@@ -369,39 +388,35 @@ def _uniform_advantages(
     n, size, mode = rewards.numel(), plan.group_size, plan.mode
     groups = rewards.view(-1, size)
     small = n <= _GEMM_MAX_REWARDS
+    if mode == "kalman":
+        if check_finite:
+            v.check_finite_total("rewards", rewards, torch.dot(rewards, rewards).item())
+        if small:
+            shifted = torch.mm(groups, plan.shift)
+        else:
+            first = rewards.as_strided((n // size, 1), (size, 1))
+            shifted = torch.addcmul(groups, first, plan.column)
+        if plan.bias is None:
+            return torch.mm(shifted, plan.matrix).ravel()
+        return torch.addmm(plan.bias, shifted, plan.matrix).ravel()
     if mode == "batch_std":
         spread = _batch_std(rewards, small) if n > 1 else 0.0
         if check_finite:  # the std is NaN or inf when a reward is
             v.check_finite_total("rewards", rewards, spread if n > 1 else rewards.sum().item())
         spread += plan.eps
         scale = 1.0 / spread if spread else 0.0  # 0 only for equal rewards: all 0 already
-    elif check_finite and (small or mode == "kalman"):
-        v.check_finite_total("rewards", rewards, torch.dot(rewards, rewards).item())
-    if small:
-        shifted = torch.mm(groups, plan.shift)
-        if mode == "kalman":
-            if plan.bias is None:
-                return torch.mm(shifted, plan.matrix).ravel()
-            return torch.addmm(plan.bias, shifted, plan.matrix).ravel()
-        if mode == "batch_std":
-            return torch.addmm(shifted, shifted, plan.matrix, beta=0.0, alpha=scale).ravel()
-        centred = torch.mm(shifted, plan.matrix)
+    deviations = torch.sub(groups, rewards.as_strided((n // size, 1), (size, 1)))
+    # The group mean as the kernels take it, a sum divided by G (a product with 1/G, or
+    # a matrix product, rounds differently): a reward equal to it gets exactly 0.
+    group_sums = deviations.sum(1, keepdim=True)
+    if check_finite and mode != "batch_std":  # NaN or inf in a group's sum if a reward is
+        v.check_finite_total("rewards", rewards, group_sums.sum().item())
+    if small:  # one call instead of two; broadcast this way it is slower on large batches
+        centred = deviations.addcdiv_(group_sums, plan.size_tensor, value=-1.0)
     else:
-        first = rewards.as_strided((n // size, 1), (size, 1))
-        if mode == "kalman":
-            shifted = torch.addcmul(groups, first, plan.column)
-            if plan.bias is None:
-                return torch.mm(shifted, plan.matrix).ravel()
-            return torch.addmm(plan.bias, shifted, plan.matrix).ravel()
-        deviations = torch.sub(groups, first)
-        if mode == "batch_std":
-            # scale * deviations - scale * mean: two calls, no pass to scale afterwards.
-            mean = torch.addmm(plan.zero, deviations, plan.column, beta=0.0, alpha=-scale)
-            return torch.add(mean, deviations, alpha=scale).ravel()
-        mean = torch.mm(deviations, plan.column)
-        if check_finite:  # a non-finite reward makes its group's mean NaN or inf
-            v.check_finite_total("rewards", rewards, mean.sum().item())
-        centred = deviations.sub_(mean)
+        centred = deviations.sub_(group_sums.div_(size))
+    if mode == "batch_std":
+        return centred.mul_(scale).ravel()
     if mode == "grpo":
         norm = torch.linalg.vector_norm(centred, dim=1, keepdim=True)
         if plan.eps > 0:
@@ -462,9 +477,10 @@ def _mapped_advantages(
         else:
             adv = torch.addmm(bias, deviations, matrix).addcmul_(first, first_coef)
     elif valid is None:
-        # In place and a sum scaled by 1 / G: at 64 x 8 every torch call costs ~2 us, and
-        # mean() is twice a sum's time there.
-        centred = deviations.sub_(deviations.sum(1, keepdim=True), alpha=1.0 / group_size)
+        # In place, and a sum over G as the kernels take the mean (mean() is twice a
+        # sum's time at 64 x 8; a product with 1/G would leave a reward equal to the mean
+        # a rounding error away from 0).
+        centred = deviations.sub_(deviations.sum(1, keepdim=True).div_(group_size))
         if mode == "grpo":
             # The unbiased std as a norm: torch.std along a short dim is 30x slower.
             norm = torch.linalg.vector_norm(centred, dim=1, keepdim=True)
@@ -608,7 +624,11 @@ class _CompiledOnce:
             return None
         try:
             if self.compiled is None:
-                self.compiled = torch.compile(self.fn, dynamic=None)
+                # Dynamo's guards check every input's sizes and strides already; the
+                # compiled code's own re-check costs ~0.6 us per tensor and call.
+                self.compiled = torch.compile(
+                    self.fn, dynamic=None, options={"size_asserts": False}
+                )
             if not torch.is_grad_enabled():
                 return self.compiled(*args)
             with torch.no_grad():  # one compiled graph whatever the caller's grad mode
@@ -645,7 +665,7 @@ def _policy_loss_torch(
     when any input is float64 (e.g. for gradcheck). The paper's loss runs the fast path
     below; the rest of the family runs ``_family_loss_rows_torch``."""
     inputs = [_constant(logp), old_logp, ref_logp, advantages, mask]
-    float64 = _has_float64(*inputs[:4])
+    float64 = _has_float64(logp, old_logp, ref_logp, advantages)
     if float64:
         inputs[0] = inputs[0].double()
     if token_weights is not None or not family.is_paper_loss:
@@ -699,12 +719,14 @@ def _krpo_rows_torch(
     logp: torch.Tensor,
     *loss_args: object,
 ) -> tuple[torch.Tensor, ...]:
-    """(advantages, *``_loss_rows_torch``) of uniform groups of float32 rewards: one
-    compiled graph, so the advantages' small ops cost no call each."""
+    """(the rewards' sum, advantages, *``_loss_rows_torch``) of uniform groups of float32
+    rewards: one compiled graph, so the advantages' small ops cost no call each, and the
+    sum (NaN or inf when a reward is) no pass of its own."""
     advantages = _mapped_advantages(
         rewards, group_size, None, group_size, mode, kalman_map, adv_eps, traced=True
     )
-    return advantages, *_loss_rows_torch(logp, *loss_args[:2], advantages, *loss_args[2:])
+    loss_rows = _loss_rows_torch(logp, *loss_args[:2], advantages, *loss_args[2:])
+    return rewards.sum(), advantages, *loss_rows
 
 
 _compiled_krpo_rows = _CompiledOnce(_krpo_rows_torch, "KRPO loss")
@@ -725,14 +747,11 @@ def _krpo_loss_compiled(
     loss_agg: str,
     max_len: int | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-    """krpo_loss of the paper's loss on a large CPU batch of uniform groups through
-    torch.compile, advantages included; None where that path does not apply (the
-    caller then runs the advantages and ``_policy_loss_torch`` apart)."""
-    if (
-        _compiled_krpo_rows.failed
-        or logp.numel() < COMPILE_MIN_TOKENS
-        or _has_float64(logp, old_logp, ref_logp, rewards)
-    ):
+    """krpo_loss of the paper's loss on a large CPU batch of uniform groups (no float64)
+    through torch.compile, advantages and the check of the rewards for NaN and inf
+    included; None where that path does not apply (the caller then checks the rewards
+    and runs the advantages and ``_policy_loss_torch`` apart)."""
+    if _compiled_krpo_rows.failed or logp.numel() < COMPILE_MIN_TOKENS:
         return None
     if rewards.dtype != torch.float32:
         rewards = rewards.float()
@@ -755,9 +774,11 @@ def _krpo_loss_compiled(
     )
     if outputs is None:
         return None
-    advantages, *results = outputs
+    reward_total, advantages, *results = outputs
+    v.check_finite_total("rewards", rewards, reward_total.item())
     loss, metrics = _finish_loss(logp, *results)
-    return loss, {**metrics, "advantages": advantages}
+    metrics["advantages"] = advantages
+    return loss, metrics
 
 
 def policy_terms_torch(
@@ -1231,10 +1252,25 @@ def policy_loss(
         loss is differentiable in ``logp``. Any non-default family option adds
         "clip_fraction_low", "clip_fraction_high", "dual_clip_fraction" and "ratio_mean".
     """
+    plain = v.plain_loss_tensors(logp, old_logp, ref_logp, mask, advantages)
     logp, old_logp, ref_logp, mask = _check_loss_inputs(
-        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len, check_finite
+        logp,
+        old_logp,
+        ref_logp,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        check_finite,
+        plain,
     )
-    advantages = v.check_advantages(advantages, "logp", logp)
+    if plain:
+        advantages = _constant(advantages)
+        advantages = advantages if advantages.is_contiguous() else advantages.contiguous()
+    else:
+        advantages = v.check_advantages(advantages, "logp", logp)
     family = _check_family(
         eps_high,
         ratio_level,
@@ -1304,16 +1340,32 @@ def krpo_loss(
     Returns:
         (loss, {"kl", "clip_fraction", "advantages" (float32 [B])}).
     """
+    plain = v.plain_loss_tensors(logp, old_logp, ref_logp, mask, rewards)
     logp, old_logp, ref_logp, mask = _check_loss_inputs(
-        logp, old_logp, ref_logp, mask, eps_low, eps_high, beta, loss_agg, max_len, check_finite
+        logp,
+        old_logp,
+        ref_logp,
+        mask,
+        eps_low,
+        eps_high,
+        beta,
+        loss_agg,
+        max_len,
+        check_finite,
+        plain,
     )
     mode = _check_mode("adv_mode", adv_mode)
-    rewards, group_size, offsets, max_group_len = _check_rewards(rewards, group_size, group_offsets)
-    if rewards.shape[0] != logp.shape[0]:
-        raise ValueError(
-            f"rewards must have one entry per sequence ({logp.shape[0]}), got {rewards.shape[0]}"
-        )
-    v.check_same_device("rewards", rewards, "logp", logp)
+    # NaN/inf rewards are checked below: the compiled path reads their sum from its graph.
+    rewards, group_size, offsets, max_group_len = _check_rewards(
+        rewards, group_size, group_offsets, plain=plain, check_finite=False
+    )
+    if not plain:
+        if rewards.shape[0] != logp.shape[0]:
+            raise ValueError(
+                f"rewards must have one entry per sequence ({logp.shape[0]}), "
+                f"got {rewards.shape[0]}"
+            )
+        v.check_same_device("rewards", rewards, "logp", logp)
     kalman = _check_kalman(process_var, meas_var, init_mean, init_var, eps)
     family = _check_family(
         eps_high,
@@ -1328,8 +1380,9 @@ def krpo_loss(
     )
     token_weights = v.check_token_weights(token_weights, "logp", logp)
     rewards = _constant(rewards)
-    if not _uses_triton(logp, old_logp, ref_logp, rewards, token_weights):
-        if token_weights is None and family.is_paper_loss and offsets is None:
+    float64 = _has_float64(logp, old_logp, ref_logp, rewards, token_weights)
+    if float64 or not use_triton(logp):
+        if not float64 and token_weights is None and family.is_paper_loss and offsets is None:
             fused = _krpo_loss_compiled(
                 logp,
                 old_logp,
@@ -1347,6 +1400,7 @@ def krpo_loss(
             )
             if fused is not None:
                 return fused
+        v.check_all_finite("rewards", rewards)
         advantages = _group_advantages_torch(
             rewards, group_size, offsets, max_group_len, mode, kalman[:4], kalman[4]
         )
@@ -1367,6 +1421,7 @@ def krpo_loss(
         return loss, {**metrics, "advantages": advantages}
     from krpo_fast.kernels.krpo_loss import krpo_loss_triton
 
+    v.check_all_finite("rewards", rewards)
     row_weight, per_row_mean = _aggregation_weights(loss_agg, logp.shape[0], max_len)
     advantages, grad, partials = krpo_loss_triton(
         logp.detach(),

@@ -61,3 +61,16 @@ def test_huge_finite_rewards_are_not_rejected():
         for mode in ("kalman", "grpo", "dr_grpo", "batch_std"):
             group_advantages(rewards[:8], group_size=4, mode=mode)
             group_advantages(rewards, group_size=4, mode=mode)
+
+
+@pytest.mark.parametrize("n_groups", [4, 2 * _GEMM_MAX_REWARDS // 3])
+@pytest.mark.parametrize("mode", ["grpo", "dr_grpo", "batch_std"])
+@pytest.mark.parametrize("backend", ["torch", "kernel"])
+def test_a_reward_equal_to_its_group_mean_gets_exactly_zero(n_groups, mode, backend):
+    """(0, 0.5, 1): the mean is 0.5 exactly, so the middle reward's advantage is exactly 0
+    on every path, as in the float64 reference (a product with 1/3 leaves -3e-8, which
+    flips the clip indicator of a loss at that row)."""
+    rewards = torch.tensor([0.0, 0.5, 1.0]).repeat(n_groups)
+    with on_backend(backend):
+        out = group_advantages(rewards, group_size=3, mode=mode)
+    assert torch.equal(out[1::3], torch.zeros(n_groups))

@@ -377,3 +377,25 @@ def test_compiled_cpu_krpo_loss_matches_oracle(monkeypatch, adv_mode, dtype, los
     compare(
         actual, oracle_loss_and_grad(logp, old, ref, adv, mask, **kwargs), TOLERANCE[dtype], adv
     )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_compiled_cpu_krpo_loss_rejects_non_finite_rewards(monkeypatch, bad):
+    """The compiled krpo_loss reads the rewards' NaN/inf check from a sum in its graph:
+    a bad reward still raises naming ``rewards``, whichever group it sits in, while
+    finite rewards whose sum overflows pass."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(ops, "COMPILE_MIN_TOKENS", 0)
+    compiled = ops._CompiledOnce(ops._krpo_rows_torch, "KRPO")
+    monkeypatch.setattr(ops, "_compiled_krpo_rows", compiled)
+    gen = torch.Generator().manual_seed(5)
+    logp, old, ref, mask = make_batch(8, 16, torch.float32, gen)
+    for position in (0, 5):
+        rewards = torch.rand(8, generator=gen)
+        rewards[position] = bad
+        with pytest.raises(ValueError, match="rewards must be finite"):
+            krpo_loss(logp, old, ref, rewards, mask, group_size=4)
+    assert compiled.compiled is not None, "the compiled krpo_loss path did not run"
+    huge = torch.full((8,), 3e38)
+    loss, metrics = krpo_loss(logp, old, ref, huge, mask, group_size=4, adv_mode="grpo")
+    assert torch.isfinite(loss) and (metrics["advantages"] == 0).all()
