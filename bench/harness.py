@@ -29,6 +29,7 @@ pytest-benchmark JSON, a Markdown table (README.md) and PNG plots.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import math
@@ -596,6 +597,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smallest sizes, float32 only")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/<device>")
     args = parser.parse_args(argv)
+    missing = [
+        name for name in ("pytest", "pytest_benchmark") if not importlib.util.find_spec(name)
+    ]
+    if missing:
+        names = " and ".join(name.replace("_", "-") for name in missing)
+        print(f"error: krpo-fast bench needs {names}: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
     try:
         run(args.ops, args.quick, args.out, args.impls)
     except RuntimeError as e:

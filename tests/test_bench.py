@@ -87,6 +87,20 @@ def test_cli_bench_without_bench_folder_says_what_is_missing(tmp_path, monkeypat
     assert str(tmp_path / "bench") in err
 
 
+def test_cli_bench_without_pytest_benchmark_says_what_to_install(monkeypatch, capsys):
+    # A checkout installed with `pip install -e .` alone: the harness is there, its
+    # test runner is not.
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(
+        bench.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "pytest_benchmark" else real(name, *args),
+    )
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: krpo-fast bench needs pytest-benchmark: pip install -e '.[bench]'\n"
+
+
 @pytest.mark.parametrize("mode", ["kalman", "grpo", "dr_grpo", "batch_std"])
 def test_eager_advantages_match_paper(mode):
     rewards = torch.rand(12 * 16, generator=torch.Generator().manual_seed(1))
