@@ -222,15 +222,19 @@ def check_mask_values(mask: torch.Tensor) -> None:
         )
 
 
-def check_advantages(advantages: object, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
-    """One float advantage per row of ``ref``, on its device; returned detached, contiguous."""
-    advantages = check_tensor("advantages", advantages, ndim=1, dtypes=FLOAT_DTYPES)
-    if advantages.shape[0] != ref.shape[0]:
-        raise ValueError(
-            f"advantages must have one entry per sequence ({ref.shape[0]}), "
-            f"got {advantages.shape[0]}"
-        )
-    check_same_device("advantages", advantages, ref_name, ref)
+def check_advantages(
+    advantages: object, ref_name: str, ref: torch.Tensor, *, plain: bool = False
+) -> torch.Tensor:
+    """One float advantage per row of ``ref``, on its device; returned detached, contiguous.
+    ``plain``: ``plain_loss_tensors`` vouched for it already."""
+    if not plain:
+        advantages = check_tensor("advantages", advantages, ndim=1, dtypes=FLOAT_DTYPES)
+        if advantages.shape[0] != ref.shape[0]:
+            raise ValueError(
+                f"advantages must have one entry per sequence ({ref.shape[0]}), "
+                f"got {advantages.shape[0]}"
+            )
+        check_same_device("advantages", advantages, ref_name, ref)
     # Each call costs a dispatch even when there is nothing to do: only when needed.
     if advantages.requires_grad:
         advantages = advantages.detach()

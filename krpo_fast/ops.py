@@ -135,15 +135,18 @@ def _check_loss_inputs(
     old_logp: object,
     ref_logp: object,
     mask: object,
+    per_row: object,
     eps_low: float,
     eps_high: float,
     beta: float,
     loss_agg: str,
     max_len: int | None,
     check_finite: bool,
-    plain: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """The checked log-probs and mask (``plain``: ``v.plain_loss_tensors`` holds)."""
+) -> tuple[bool, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(whether ``v.plain_loss_tensors`` holds, so the per-row tensor ``per_row``, the
+    advantages or rewards, needs no shape or device check either; the checked log-probs
+    and mask)."""
+    plain = v.plain_loss_tensors(logp, old_logp, ref_logp, mask, per_row)
     if not plain:
         logp = v.check_tensor("logp", logp, ndim=2, dtypes=v.FLOAT_DTYPES)
         if logp.numel() == 0:
@@ -168,7 +171,7 @@ def _check_loss_inputs(
         for name, value in (("logp", logp), ("old_logp", old_logp), ("ref_logp", ref_logp)):
             if value is not None and not bool(torch.isfinite(value.detach()[on]).all()):
                 raise ValueError(f"{name} holds NaN or inf at masked-in tokens")
-    return logp, old_logp, ref_logp, mask
+    return plain, logp, old_logp, ref_logp, mask
 
 
 def _constant(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -1252,25 +1255,20 @@ def policy_loss(
         loss is differentiable in ``logp``. Any non-default family option adds
         "clip_fraction_low", "clip_fraction_high", "dual_clip_fraction" and "ratio_mean".
     """
-    plain = v.plain_loss_tensors(logp, old_logp, ref_logp, mask, advantages)
-    logp, old_logp, ref_logp, mask = _check_loss_inputs(
+    plain, logp, old_logp, ref_logp, mask = _check_loss_inputs(
         logp,
         old_logp,
         ref_logp,
         mask,
+        advantages,
         eps_low,
         eps_high,
         beta,
         loss_agg,
         max_len,
         check_finite,
-        plain,
     )
-    if plain:
-        advantages = _constant(advantages)
-        advantages = advantages if advantages.is_contiguous() else advantages.contiguous()
-    else:
-        advantages = v.check_advantages(advantages, "logp", logp)
+    advantages = v.check_advantages(advantages, "logp", logp, plain=plain)
     family = _check_family(
         eps_high,
         ratio_level,
@@ -1340,19 +1338,18 @@ def krpo_loss(
     Returns:
         (loss, {"kl", "clip_fraction", "advantages" (float32 [B])}).
     """
-    plain = v.plain_loss_tensors(logp, old_logp, ref_logp, mask, rewards)
-    logp, old_logp, ref_logp, mask = _check_loss_inputs(
+    plain, logp, old_logp, ref_logp, mask = _check_loss_inputs(
         logp,
         old_logp,
         ref_logp,
         mask,
+        rewards,
         eps_low,
         eps_high,
         beta,
         loss_agg,
         max_len,
         check_finite,
-        plain,
     )
     mode = _check_mode("adv_mode", adv_mode)
     # NaN/inf rewards are checked below: the compiled path reads their sum from its graph.
@@ -1381,26 +1378,28 @@ def krpo_loss(
     token_weights = v.check_token_weights(token_weights, "logp", logp)
     rewards = _constant(rewards)
     float64 = _has_float64(logp, old_logp, ref_logp, rewards, token_weights)
-    if float64 or not use_triton(logp):
-        if not float64 and token_weights is None and family.is_paper_loss and offsets is None:
-            fused = _krpo_loss_compiled(
-                logp,
-                old_logp,
-                ref_logp,
-                rewards,
-                mask,
-                group_size,
-                mode,
-                kalman,
-                eps_low,
-                eps_high,
-                beta,
-                loss_agg,
-                max_len,
-            )
-            if fused is not None:
-                return fused
-        v.check_all_finite("rewards", rewards)
+    torch_path = float64 or not use_triton(logp)
+    compilable = not float64 and token_weights is None and family.is_paper_loss and offsets is None
+    if torch_path and compilable:
+        fused = _krpo_loss_compiled(
+            logp,
+            old_logp,
+            ref_logp,
+            rewards,
+            mask,
+            group_size,
+            mode,
+            kalman,
+            eps_low,
+            eps_high,
+            beta,
+            loss_agg,
+            max_len,
+        )
+        if fused is not None:
+            return fused
+    v.check_all_finite("rewards", rewards)
+    if torch_path:
         advantages = _group_advantages_torch(
             rewards, group_size, offsets, max_group_len, mode, kalman[:4], kalman[4]
         )
@@ -1421,7 +1420,6 @@ def krpo_loss(
         return loss, {**metrics, "advantages": advantages}
     from krpo_fast.kernels.krpo_loss import krpo_loss_triton
 
-    v.check_all_finite("rewards", rewards)
     row_weight, per_row_mean = _aggregation_weights(loss_agg, logp.shape[0], max_len)
     advantages, grad, partials = krpo_loss_triton(
         logp.detach(),
